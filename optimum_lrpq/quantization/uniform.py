@@ -1,0 +1,60 @@
+"""Asymmetric uniform quantization: the formulas only, no state.
+
+    x_int = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)
+    x_hat = (x_int - zero_point) * scale
+
+`scale` and `zero_point` broadcast against `x`. `zero_point` is kept as a float tensor because the
+LayerNorm reparameterization produces a non-integer target zero point (RepQ-ViT keeps the unrounded
+mean; see shared/notes/method-reference.md §2.3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+MIN_BITS = 2
+MAX_BITS = 8
+
+# Smallest step we allow: a zero-width range (constant or dead channel) would otherwise divide by zero.
+_MIN_SCALE = 1e-8
+
+
+def qmax(bits: int) -> int:
+    """Largest integer code for an unsigned `bits`-bit grid."""
+    return (1 << bits) - 1
+
+
+def scale_zero_point_from_range(
+    low: torch.Tensor, high: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step and zero point of the grid that spans [low, high] (elementwise, any shape).
+
+    The range is first widened to contain 0 so that exact zeros (padding, dead channels) stay exact.
+    """
+    low = torch.minimum(low.float(), torch.zeros_like(low, dtype=torch.float32))
+    high = torch.maximum(high.float(), torch.zeros_like(high, dtype=torch.float32))
+    scale = ((high - low) / qmax(bits)).clamp_min(_MIN_SCALE)
+    zero_point = torch.round(-low / scale).clamp(0, qmax(bits))
+    return scale, zero_point
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes (as float tensor, values in [0, 2**bits - 1])."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax(bits))
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (codes - zero_point) * scale
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize then dequantize, computed in float32 and returned in `x.dtype`."""
+    xf = x.float()
+    return dequantize(quantize(xf, scale, zero_point, bits), scale, zero_point).to(x.dtype)
+
+
+def channel_view_shape(ndim: int, channel_axis: int, channels: int) -> list[int]:
+    """Shape that broadcasts a per-channel vector along `channel_axis` of an `ndim`-d tensor."""
+    shape = [1] * ndim
+    shape[channel_axis] = channels
+    return shape
