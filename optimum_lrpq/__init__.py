@@ -1,3 +1,16 @@
-"""optimum-lrpq: LRP-guided mixed-precision post-training quantization for vision transformers."""
+"""optimum-lrpq: LRP-guided mixed-precision post-training quantization (LRP-QViT) for vision transformers.
+
+Importing the package registers the `lrpq` quantization method (config and quantizer) and the `lrpq` attention
+function with transformers, so quantized checkpoints load with `AutoModelForImageClassification.from_pretrained`.
+"""
 
 __version__ = "0.1.0"
+
+from .configuration import LRPQConfig  # noqa: E402
+from .models import supported_models  # noqa: E402
+from .quantizer import LRPQuantizer  # noqa: E402
+from .registration import register  # noqa: E402
+
+register()
+
+__all__ = ["LRPQConfig", "LRPQuantizer", "__version__", "supported_models"]

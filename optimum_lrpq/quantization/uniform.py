@@ -1,11 +1,13 @@
 """Asymmetric uniform quantization: the formulas only, no state.
 
-    x_int = clamp(round(x / scale) + zero_point, 0, 2**bits - 1)
+    x_int = clamp(round(x / scale + zero_point), 0, 2**bits - 1)
     x_hat = (x_int - zero_point) * scale
 
 `scale` and `zero_point` broadcast against `x`. `zero_point` is kept as a float tensor because the
-LayerNorm reparameterization produces a non-integer target zero point (RepQ-ViT keeps the unrounded
-mean; see shared/notes/method-reference.md §2.3).
+LayerNorm reparameterization produces a non-integer target zero point (the mean of the per-channel zero
+points; shared/notes/method-reference.md §2.3). Rounding *after* adding the zero point makes the per-tensor
+grid on reparameterized activations reproduce the per-channel grid exactly; for an integer zero point it is
+the same as `round(x / scale) + zero_point`.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def scale_zero_point_from_range(
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes (as float tensor, values in [0, 2**bits - 1])."""
-    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax(bits))
+    return torch.clamp(torch.round(x / scale + zero_point), 0, qmax(bits))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

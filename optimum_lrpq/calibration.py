@@ -1,0 +1,95 @@
+"""Calibration: observe activations, reparameterize post-LayerNorm grids, quantize weights, fix all grids.
+
+Operates on a model already converted with `conversion.convert_model(..., skeleton=False)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .configuration import LRPQConfig
+from .models import ModelLayout
+from .nn import LogQuantizer, PackedWeightLayer, QuantLayerNorm, UniformQuantizer
+from .observers import ActivationObserver
+from .quantization.reparameterization import reparameterize
+
+
+def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int) -> list[ActivationObserver]:
+    observers = []
+    for index, (name, module) in enumerate(model.named_modules()):
+        if isinstance(module, (UniformQuantizer, LogQuantizer)):
+            per_channel = isinstance(module, UniformQuantizer) and module.per_channel
+            module.observer = ActivationObserver(name, per_channel, config.activation_range, num_batches,
+                                                 seed=config.seed + index)
+            observers.append(module.observer)
+    return observers
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, batches: list[torch.Tensor], description: str, show_progress: bool = True) -> None:
+    device, dtype = _device_and_dtype(model)
+    for batch in tqdm(batches, desc=description, unit="batch", disable=not show_progress):
+        model(pixel_values=batch.to(device=device, dtype=dtype))
+
+
+def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def reparameterize_groups(model: nn.Module, layout: ModelLayout) -> None:
+    """Fold each quantized LayerNorm's per-channel output grid into its affine and its consumers."""
+    for group in layout.groups:
+        layernorm = model.get_submodule(group.layernorm)
+        if not isinstance(layernorm, QuantLayerNorm):
+            continue
+        quant = layernorm.out_quant
+        scale, zero_point = quant.observer.uniform_grid(quant.bits)
+        consumers = [model.get_submodule(name) for name in group.consumers]
+        result = reparameterize(scale, zero_point, layernorm.weight.data, layernorm.bias.data,
+                                [c.weight.data for c in consumers], [c.bias.data if c.bias is not None else None
+                                                                     for c in consumers])
+        layernorm.weight.data.copy_(result.layernorm_weight)
+        layernorm.bias.data.copy_(result.layernorm_bias)
+        for consumer, weight, bias in zip(consumers, result.linear_weights, result.linear_biases):
+            consumer.weight.data.copy_(weight)
+            consumer.bias.data.copy_(bias)
+        quant.set_grid(result.scale, result.zero_point)
+        quant.observer = None
+
+
+def finalize_activation_grids(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, UniformQuantizer) and module.observer is not None:
+            scale, zero_point = module.observer.uniform_grid(module.bits)
+            module.set_grid(scale, zero_point)
+            module.observer = None
+        elif isinstance(module, LogQuantizer) and module.observer is not None:
+            module.set_grid(module.observer.log_scale(module.bits, module.sqrt2))
+            module.observer = None
+
+
+def freeze_weights(model: nn.Module, range_method: str) -> None:
+    for module in model.modules():
+        if isinstance(module, PackedWeightLayer) and not module.is_frozen:
+            module.freeze(range_method)
+
+
+def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches: list[torch.Tensor],
+              show_progress: bool = True) -> None:
+    """One observation pass, reparameterization, then weights and activation grids are fixed."""
+    attach_observers(model, config, len(batches))
+    try:
+        run_batches(model, batches, "Calibrating", show_progress)
+        if config.reparameterize:
+            reparameterize_groups(model, layout)
+        freeze_weights(model, config.weight_range)
+        finalize_activation_grids(model)
+    finally:
+        for module in model.modules():
+            if isinstance(module, (UniformQuantizer, LogQuantizer)):
+                module.observer = None

@@ -1,0 +1,182 @@
+"""`LRPQConfig`: what the user asks for, and what the quantizer decided (bits and relevance per layer).
+
+The config is what transformers writes into `config.json` under `quantization_config`, so every attribute
+must stay JSON-serializable (`to_dict()` is a deep copy of `__dict__`).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from . import __version__
+from .quantization.uniform import MAX_BITS, MIN_BITS
+
+QUANT_METHOD = "lrpq"
+
+# Bump when the on-disk layout changes in a way older readers cannot load.
+FORMAT_VERSION = 1
+
+SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
+RANGE_METHODS = ("minmax", "percentile_mse")
+RELEVANCE_TARGETS = ("predicted", "label")
+
+
+def check_bits(value: Any, what: str) -> int:
+    """Return `value` as int if it is an integer number of bits in [MIN_BITS, MAX_BITS], else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{what} must be an integer between {MIN_BITS} and {MAX_BITS}, got {value!r} ({type(value).__name__})."
+        )
+    if not MIN_BITS <= int(value) <= MAX_BITS:
+        raise ValueError(f"{what} must be between {MIN_BITS} and {MAX_BITS} bits, got {value}.")
+    return int(value)
+
+
+def _check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {list(choices)}, got {value!r}.")
+    return value
+
+
+def _check_positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
+class LRPQConfig(QuantizationConfigMixin):
+    """Configuration of LRP-QViT post-training quantization.
+
+    Args:
+        weight_bits: bits of every quantized weight, or the parameter-weighted average budget when
+            `mixed_precision=True`. Integer in 2..8.
+        activation_bits: bits of every quantized activation (linear inputs, q, k, v, attention probabilities),
+            or the MAC-weighted average budget when `mixed_precision=True`. Integer in 2..8.
+        mixed_precision: choose bits per layer from LRP relevance under the budgets above.
+        candidate_bits: bit widths the allocation may choose from (mixed precision only).
+        patch_embedding_input_bits: bits of the image fed to the patch embedding (RepQ-ViT keeps 8).
+        softmax_quantizer: quantizer for post-softmax probabilities: "log_sqrt2" (default), "log2" or "uniform".
+        weight_range, activation_range: range estimator, "minmax" or "percentile_mse".
+        reparameterize: fold per-channel post-LayerNorm quantization into the LayerNorm affine and the next
+            linear (RepQ-ViT), so inference uses one per-tensor quantizer.
+        num_calibration_samples: images used for calibration (and relevance).
+        calibration_batch_size: micro-batch size of the calibration passes.
+        seed: seed for any sampling done during calibration.
+        relevance_target: start relevance at the "predicted" class or at the "label".
+        modules_to_not_convert: module names (or name suffixes) that stay in floating point.
+        calibration_dataset, calibration_split, calibration_image_column: a dataset given by hub name or local
+            path, used when quantizing at load time (`from_pretrained(..., quantization_config=...)`).
+        layer_bits, relevance: filled in by the quantizer; saved with the model.
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 4,
+        activation_bits: int = 4,
+        mixed_precision: bool = False,
+        candidate_bits: list[int] | None = None,
+        patch_embedding_input_bits: int = 8,
+        softmax_quantizer: str = "log_sqrt2",
+        weight_range: str = "minmax",
+        activation_range: str = "minmax",
+        reparameterize: bool = True,
+        num_calibration_samples: int = 32,
+        calibration_batch_size: int = 8,
+        seed: int = 0,
+        relevance_target: str = "predicted",
+        modules_to_not_convert: list[str] | None = None,
+        calibration_dataset: str | None = None,
+        calibration_split: str = "train",
+        calibration_image_column: str | None = None,
+        layer_bits: dict[str, dict[str, int]] | None = None,
+        relevance: dict[str, float] | None = None,
+        format_version: int = FORMAT_VERSION,
+        lrpq_version: str | None = None,
+        **kwargs: Any,
+    ):
+        kwargs.pop("quant_method", None)  # from_dict passes it back in
+        if kwargs:
+            raise ValueError(
+                f"LRPQConfig got unknown field(s) {sorted(kwargs)}. If they come from a checkpoint, it was written by "
+                "a different version of optimum-lrpq: upgrade with `pip install -U optimum-lrpq`."
+            )
+        self.quant_method = QUANT_METHOD
+        self.weight_bits = weight_bits
+        self.activation_bits = activation_bits
+        self.mixed_precision = mixed_precision
+        self.candidate_bits = list(candidate_bits) if candidate_bits is not None else None
+        self.patch_embedding_input_bits = patch_embedding_input_bits
+        self.softmax_quantizer = softmax_quantizer
+        self.weight_range = weight_range
+        self.activation_range = activation_range
+        self.reparameterize = reparameterize
+        self.num_calibration_samples = num_calibration_samples
+        self.calibration_batch_size = calibration_batch_size
+        self.seed = seed
+        self.relevance_target = relevance_target
+        self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
+        self.calibration_dataset = calibration_dataset
+        self.calibration_split = calibration_split
+        self.calibration_image_column = calibration_image_column
+        self.layer_bits = layer_bits
+        self.relevance = relevance
+        self.format_version = format_version
+        self.lrpq_version = lrpq_version or __version__
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raise ValueError naming the field and the fix."""
+        if isinstance(self.format_version, bool) or not isinstance(self.format_version, numbers.Integral):
+            raise ValueError(f"format_version must be an integer, got {self.format_version!r}.")
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This checkpoint uses lrpq format version {self.format_version} (written by optimum-lrpq "
+                f"{self.lrpq_version}), but this optimum-lrpq ({__version__}) reads format version {FORMAT_VERSION} "
+                "at most. Upgrade with `pip install -U optimum-lrpq`."
+            )
+        self.weight_bits = check_bits(self.weight_bits, "weight_bits")
+        self.activation_bits = check_bits(self.activation_bits, "activation_bits")
+        self.patch_embedding_input_bits = check_bits(self.patch_embedding_input_bits, "patch_embedding_input_bits")
+        if self.candidate_bits is not None:
+            if not self.candidate_bits:
+                raise ValueError("candidate_bits must not be empty; leave it as None for the default set.")
+            self.candidate_bits = sorted({check_bits(b, "each of candidate_bits") for b in self.candidate_bits})
+        for flag in ("mixed_precision", "reparameterize"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
+        _check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
+        _check_choice(self.weight_range, "weight_range", RANGE_METHODS)
+        _check_choice(self.activation_range, "activation_range", RANGE_METHODS)
+        _check_choice(self.relevance_target, "relevance_target", RELEVANCE_TARGETS)
+        self.num_calibration_samples = _check_positive_int(self.num_calibration_samples, "num_calibration_samples")
+        self.calibration_batch_size = _check_positive_int(self.calibration_batch_size, "calibration_batch_size")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.layer_bits is not None:
+            self.layer_bits = _check_layer_bits(self.layer_bits)
+        if self.relevance is not None:
+            if not isinstance(self.relevance, dict) or not all(
+                isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+                for k, v in self.relevance.items()
+            ):
+                raise ValueError("relevance must map layer names to numbers.")
+
+    def bits_of(self, module_name: str, kind: str) -> int:
+        """Bits recorded for `module_name` ('weight' or 'activation'); the uniform setting if not recorded."""
+        if self.layer_bits and module_name in self.layer_bits and kind in self.layer_bits[module_name]:
+            return self.layer_bits[module_name][kind]
+        return self.weight_bits if kind == "weight" else self.activation_bits
+
+
+def _check_layer_bits(layer_bits: Any) -> dict[str, dict[str, int]]:
+    if not isinstance(layer_bits, dict):
+        raise ValueError(f"layer_bits must be a dict of layer name -> {{'weight': b, 'activation': b}}, got {layer_bits!r}.")
+    checked: dict[str, dict[str, int]] = {}
+    for name, entry in layer_bits.items():
+        if not isinstance(entry, dict) or not set(entry) <= {"weight", "activation"}:
+            raise ValueError(f"layer_bits[{name!r}] must be a dict with keys 'weight' and/or 'activation', got {entry!r}.")
+        checked[name] = {kind: check_bits(b, f"layer_bits[{name!r}][{kind!r}]") for kind, b in entry.items()}
+    return checked

@@ -1,0 +1,61 @@
+"""The `lrpq` attention function and the quantizers it uses.
+
+transformers computes softmax and both attention matmuls inside a module-level function chosen through
+`AttentionInterface` (SDPA hides them altogether), so module hooks cannot reach them. We register our own
+function under a dedicated key; it reads the quantizers from the attention module it is called with, so their
+state lives in the model's state dict. The attention output is quantized by the input quantizer of `o_proj`,
+which sees exactly that tensor, so it is not quantized twice here.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activation import LogQuantizer, UniformQuantizer
+
+ATTENTION_KEY = "lrpq"
+QUANTIZER_NAMES = ("q_quant", "k_quant", "v_quant", "softmax_quant")
+
+
+def add_attention_quantizers(attention: nn.Module, bits: int, softmax_quantizer: str, device=None) -> None:
+    """Attach q/k/v (uniform, per tensor) and post-softmax quantizers to an attention module."""
+    for name in ("q_quant", "k_quant", "v_quant"):
+        setattr(attention, name, UniformQuantizer(bits, device=device))
+    if softmax_quantizer == "uniform":
+        attention.softmax_quant = UniformQuantizer(bits, device=device)
+    else:
+        attention.softmax_quant = LogQuantizer(bits, sqrt2=softmax_quantizer == "log_sqrt2", device=device)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def lrpq_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager attention with quantized q, k, v and attention probabilities ([batch, heads, tokens, dim] inputs)."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    q_quant = getattr(module, "q_quant", _identity)
+    k_quant = getattr(module, "k_quant", _identity)
+    v_quant = getattr(module, "v_quant", _identity)
+    softmax_quant = getattr(module, "softmax_quant", _identity)
+    query, key, value = q_quant(query), k_quant(key), v_quant(value)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        # Swin passes its relative-position bias (+ shift mask) here; it stays in floating point.
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = softmax_quant(probs)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return output, probs

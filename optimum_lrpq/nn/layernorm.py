@@ -1,0 +1,36 @@
+"""`QuantLayerNorm`: a LayerNorm (computed in floating point) whose output is quantized.
+
+It keeps LayerNorm's `weight`/`bias` names, so checkpoints stay key-compatible, and adds a child `out_quant`.
+Its output feeds q/k/v, fc1 or Swin's patch-merging reduction, whose inputs are therefore already quantized.
+During calibration `out_quant` is per channel; the reparameterization (`optimum_lrpq.quantization.reparameterization`)
+folds the per-channel grid into this LayerNorm's affine and the next linear, leaving one per-tensor grid.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .activation import UniformQuantizer
+
+
+class QuantLayerNorm(nn.LayerNorm):
+    def __init__(self, normalized_shape, eps: float, elementwise_affine: bool, bias: bool, out_bits: int,
+                 per_channel: bool, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine, bias=bias,
+                         device=device, dtype=dtype)
+        channels = self.normalized_shape[-1] if per_channel else None
+        self.out_quant = UniformQuantizer(out_bits, channels=channels, device=device)
+
+    @classmethod
+    def from_float(cls, layernorm: nn.LayerNorm, out_bits: int, per_channel: bool) -> QuantLayerNorm:
+        ref = layernorm.weight if layernorm.weight is not None else torch.empty(0)
+        module = cls(layernorm.normalized_shape, layernorm.eps, layernorm.elementwise_affine,
+                     layernorm.bias is not None, out_bits, per_channel, dtype=ref.dtype, device=ref.device)
+        module.load_state_dict(layernorm.state_dict(), strict=False)
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_quant(super().forward(x))

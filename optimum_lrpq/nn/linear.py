@@ -1,0 +1,88 @@
+"""`QuantLinear` and `QuantConv2d`: packed integer weights plus an optional input activation quantizer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activation import UniformQuantizer
+from .weights import PackedWeightLayer
+
+
+class QuantLinear(PackedWeightLayer):
+    """Linear layer with `weight_bits` per-output-channel weights.
+
+    `input_quant` quantizes the input per tensor; it is absent when the input was already quantized upstream
+    (the output quantizer of a `QuantLayerNorm` feeding q/k/v, fc1 or Swin's patch-merging reduction).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, weight_bits: int, input_bits: int | None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_frozen((out_features, in_features), weight_bits, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.input_quant = UniformQuantizer(input_bits, device=device) if input_bits is not None else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_bits: int, input_bits: int | None, force_bias: bool = False):
+        """Wrap a float Linear (weights still float until `freeze()`); `force_bias` adds a zero bias if absent."""
+        w = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None or force_bias, weight_bits,
+                     input_bits, dtype=w.dtype, device=w.device)
+        for name in ("qweight", "weight_scale", "weight_zero_point"):
+            delattr(module, name)
+        module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        elif module.bias is not None:
+            module.bias.requires_grad_(False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight_bits={self.weight_bits}"
+
+
+class QuantConv2d(PackedWeightLayer):
+    """Conv2d (the patch embedding) with per-output-filter weights and a per-tensor input quantizer."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride, padding, dilation,
+                 groups: int, bias: bool, weight_bits: int, input_bits: int | None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), stride, padding
+        self.dilation, self.groups = dilation, groups
+        self._init_frozen((out_channels, in_channels // groups, *self.kernel_size), weight_bits, device)
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device)) if bias else None
+        self.input_quant = UniformQuantizer(input_bits, device=device) if input_bits is not None else None
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_bits: int, input_bits: int | None):
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
+        w = conv.weight
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                     conv.groups, conv.bias is not None, weight_bits, input_bits, dtype=w.dtype, device=w.device)
+        for name in ("qweight", "weight_scale", "weight_zero_point"):
+            delattr(module, name)
+        module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        if conv.bias is not None:
+            module.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quant is not None:
+            x = self.input_quant(x)
+        return F.conv2d(x, self.dequantized_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"weight_bits={self.weight_bits}")

@@ -1,0 +1,91 @@
+"""Base for layers whose weight is stored as packed integer codes with a per-output-channel grid.
+
+Two states:
+- *float* (right after `from_float`, during calibration and reparameterization): a float `weight` Parameter,
+  exactly like the layer it replaced;
+- *frozen* (after `freeze()`, and what a checkpoint holds): buffers `qweight` (uint8, codes packed along the
+  input dim, one row per output channel), `weight_scale` and `weight_zero_point` (float32, one per row).
+
+Only the frozen state is ever saved; the load-time skeleton is built directly in it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quantization import packing, uniform
+from ..quantization.range_methods import estimate_range
+
+
+class PackedWeightLayer(nn.Module):
+    """Shared weight storage and (de)quantization for `QuantLinear` and `QuantConv2d`."""
+
+    weight_bits: int
+    weight_shape: tuple[int, ...]
+
+    def _init_frozen(self, weight_shape: tuple[int, ...], weight_bits: int, device) -> None:
+        self.weight_bits = weight_bits
+        self.weight_shape = tuple(weight_shape)
+        out_channels, row_length = weight_shape[0], _row_length(weight_shape)
+        self.register_buffer(
+            "qweight",
+            torch.zeros(out_channels, packing.packed_length(row_length, weight_bits), dtype=torch.uint8, device=device),
+        )
+        self.register_buffer("weight_scale", torch.ones(out_channels, dtype=torch.float32, device=device))
+        self.register_buffer("weight_zero_point", torch.zeros(out_channels, dtype=torch.float32, device=device))
+        self._cache_key = None
+        self._cache = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The float weight (before `freeze()`), or the dequantized one in the layer's float dtype.
+
+        Model code reads e.g. `patch_embeddings.projection.weight.dtype`, so this must always exist.
+        """
+        if "weight" in self._parameters:
+            return self._parameters["weight"]
+        if not self.is_frozen:
+            raise AttributeError("weight")  # mid-construction: lets nn.Module register the parameter
+        bias = self._parameters.get("bias")
+        return self.dequantized_weight(bias.dtype if bias is not None else torch.float32)
+
+    @property
+    def is_frozen(self) -> bool:
+        return "qweight" in self._buffers
+
+    def freeze(self, range_method: str = "minmax") -> None:
+        """Quantize the float `weight` per output channel, pack it and drop the float copy."""
+        weight = self.weight.detach()
+        rows = weight.float().reshape(weight.shape[0], -1)
+        scale, zero_point = estimate_range(rows, self.weight_bits, channel_axis=0, method=range_method)
+        codes = uniform.quantize(rows, scale, zero_point, self.weight_bits)
+        del self.weight
+        self._init_frozen(tuple(weight.shape), self.weight_bits, weight.device)
+        self.qweight.copy_(packing.pack(codes.to(torch.uint8), self.weight_bits))
+        self.weight_scale.copy_(scale.reshape(-1))
+        self.weight_zero_point.copy_(zero_point.reshape(-1))
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the layer computes with (cached; recomputed when the stored codes change)."""
+        if not self.is_frozen:
+            return self._parameters["weight"].to(dtype)
+        key = (self.qweight.data_ptr(), self.qweight._version, self.weight_scale._version,
+               self.weight_zero_point._version, self.qweight.device, dtype)
+        if key != self._cache_key:
+            codes = packing.unpack(self.qweight, self.weight_bits, _row_length(self.weight_shape)).float()
+            rows = uniform.dequantize(codes, self.weight_scale[:, None], self.weight_zero_point[:, None])
+            self._cache = rows.reshape(self.weight_shape).to(dtype)
+            self._cache_key = key
+        return self._cache
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cache_key = None  # new codes: never serve a stale dequantized weight
+        super()._load_from_state_dict(*args, **kwargs)
+
+
+def _row_length(weight_shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in weight_shape[1:]:
+        n *= d
+    return n

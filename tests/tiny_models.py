@@ -1,0 +1,52 @@
+"""Tiny models built from configs (no Hub access) and matching inputs, shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+IMAGE_SIZE = 32
+NUM_LABELS = 5
+
+
+def _vit_like_config(cls):
+    return cls(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+               intermediate_size=64, num_labels=NUM_LABELS)
+
+
+def build(name: str, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialized tiny model in eval mode: 'vit', 'deit', 'deit_teacher' or 'swin'."""
+    torch.manual_seed(seed)
+    if name == "vit":
+        model = ViTForImageClassification(_vit_like_config(ViTConfig))
+    elif name == "deit":
+        model = DeiTForImageClassification(_vit_like_config(DeiTConfig))
+    elif name == "deit_teacher":
+        model = DeiTForImageClassificationWithTeacher(_vit_like_config(DeiTConfig))
+    elif name == "swin":
+        model = SwinForImageClassification(SwinConfig(image_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depths=[2, 2],
+                                                      num_heads=[2, 4], window_size=4, num_labels=NUM_LABELS))
+    else:
+        raise KeyError(name)
+    return model.eval()
+
+
+MODEL_NAMES = ("vit", "deit", "deit_teacher", "swin")
+
+
+def pixels(n: int = 8, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(pixel_values=x).logits
