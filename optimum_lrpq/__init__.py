@@ -6,10 +6,10 @@ function with transformers, so quantized checkpoints load with `AutoModelForImag
 
 __version__ = "0.1.0"
 
-from .configuration import LRPQConfig  # noqa: E402
-from .models import supported_models  # noqa: E402
-from .quantizer import LRPQuantizer  # noqa: E402
-from .registration import register  # noqa: E402
+from .configuration import LRPQConfig
+from .models import supported_models
+from .quantizer import LRPQuantizer
+from .registration import register
 
 register()
 

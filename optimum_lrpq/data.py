@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -34,9 +33,9 @@ class CalibrationSet:
         return sum(b.shape[0] for b in self.batches)
 
 
-def _expected_geometry(model_config) -> tuple[int, tuple[int, int] | None]:
+def _expected_geometry(model_config, fixed_size: bool = True) -> tuple[int, tuple[int, int] | None]:
     channels = getattr(model_config, "num_channels", 3)
-    size = getattr(model_config, "image_size", None)
+    size = getattr(model_config, "image_size", None) if fixed_size else None
     if isinstance(size, int):
         size = (size, size)
     elif size is not None:
@@ -44,7 +43,8 @@ def _expected_geometry(model_config) -> tuple[int, tuple[int, int] | None]:
     return channels, size
 
 
-def check_pixel_values(pixel_values: Any, model_config, where: str = "calibration data") -> torch.Tensor:
+def check_pixel_values(pixel_values: Any, model_config, where: str = "calibration data",
+                       fixed_size: bool = True) -> torch.Tensor:
     """Validate one batch of pixel values against the model's expected input; return it as a tensor."""
     if isinstance(pixel_values, np.ndarray):
         pixel_values = torch.from_numpy(pixel_values)
@@ -53,7 +53,7 @@ def check_pixel_values(pixel_values: Any, model_config, where: str = "calibratio
             f"{where}: expected pixel values as a torch.Tensor, got {type(pixel_values).__name__}. Pass a tensor, "
             "a datasets.Dataset with a 'pixel_values' or image column, or a DataLoader of such batches."
         )
-    channels, size = _expected_geometry(model_config)
+    channels, size = _expected_geometry(model_config, fixed_size)
     if pixel_values.ndim != 4:
         hint = " Add a batch dimension with `x.unsqueeze(0)`." if pixel_values.ndim == 3 else ""
         raise ValueError(
@@ -203,23 +203,28 @@ def prepare_calibration_data(
     batch_size: int,
     image_processor=None,
     image_column: str | None = None,
+    fixed_image_size: bool = True,
 ) -> CalibrationSet:
     """Validate `data` and cut its first `num_samples` images into micro-batches of `batch_size`."""
+
+    def check(values, where="calibration data"):
+        return check_pixel_values(values, model.config, where, fixed_size=fixed_image_size)
+
     if data is None:
         raise ValueError(
             "quantize_model needs calibration data: a tensor of pixel values, a datasets.Dataset, or a DataLoader."
         )
     channels, _ = _expected_geometry(model.config)
     if isinstance(data, torch.Tensor):
-        pixels, labels = check_pixel_values(data, model.config), None
+        pixels, labels = check(data), None
     elif isinstance(data, Mapping) and "pixel_values" in data:  # a BatchFeature from an image processor
-        pixels = check_pixel_values(data["pixel_values"], model.config)
+        pixels = check(data["pixel_values"])
         labels = next((torch.as_tensor(data[c]) for c in LABEL_COLUMNS if c in data), None)
     elif _is_hf_dataset(data):
         pixels, labels = _iterate_dataset(data, model, image_processor, image_column, num_samples, channels)
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         parts, part_labels = _iterate_batches(data, num_samples)
-        parts = [check_pixel_values(p, model.config, f"calibration batch {i}") for i, p in enumerate(parts)]
+        parts = [check(p, f"calibration batch {i}") for i, p in enumerate(parts)]
         pixels = torch.cat(parts) if parts else None
         labels = (
             torch.cat([torch.as_tensor(lab).reshape(-1) for lab in part_labels])
@@ -232,7 +237,7 @@ def prepare_calibration_data(
         )
     if pixels is None or pixels.shape[0] == 0:
         raise ValueError("The calibration data is empty: provide at least one image.")
-    pixels = check_pixel_values(pixels, model.config)[:num_samples]
+    pixels = check(pixels)[:num_samples]
     if labels is not None:
         labels = labels.reshape(-1)[:num_samples]
         if labels.shape[0] != pixels.shape[0]:

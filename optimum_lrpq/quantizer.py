@@ -72,10 +72,12 @@ class LRPQuantizer:
         already = any(isinstance(m, PackedWeightLayer) for m in model.modules())
         if already or getattr(model, "quantization_method", "lrpq") != "lrpq":
             raise ValueError("This model is already quantized; quantize the original float model instead.")
-        layout = get_adapter(model).layout(model)
+        adapter = get_adapter(model)
+        layout = adapter.layout(model)
         calibration = prepare_calibration_data(
             calibration_data, model, num_samples=config.num_calibration_samples,
             batch_size=config.calibration_batch_size, image_processor=image_processor, image_column=image_column,
+            fixed_image_size=adapter.fixed_image_size,
         )
         was_training = model.training
         model.eval()

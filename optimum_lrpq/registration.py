@@ -7,8 +7,12 @@ happens when the package is re-imported or reloaded; registration therefore chec
 from __future__ import annotations
 
 from transformers import AttentionInterface
-from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
-from transformers.quantizers.auto import register_quantization_config, register_quantizer
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
 
 from .configuration import QUANT_METHOD, LRPQConfig
 from .hf_quantizer import LRPQHfQuantizer

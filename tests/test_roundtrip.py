@@ -136,3 +136,21 @@ def test_bf16_load_keeps_integer_buffers(tmp_path):
     assert fc1.bias.dtype == torch.bfloat16
     out = loaded(pixel_values=pixels(2).to(torch.bfloat16)).logits
     assert torch.isfinite(out).all()
+
+
+def test_dinov2_backbone_accepts_other_image_sizes(tmp_path):
+    from transformers import AutoModel, Dinov2Config, Dinov2Model
+
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64)).eval()
+    x = torch.randn(2, 3, 48, 48)  # not config.image_size: DINOv2 interpolates its position embeddings
+    LRPQuantizer(LRPQConfig(weight_bits=6, activation_bits=6)).quantize_model(model, torch.randn(4, 3, 48, 48),
+                                                                              show_progress=False)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    model.save_pretrained(tmp_path)
+    loaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True, disable_mmap=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(pixel_values=x).last_hidden_state, expected)

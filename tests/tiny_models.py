@@ -7,6 +7,8 @@ from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
     SwinConfig,
     SwinForImageClassification,
     ViTConfig,
@@ -31,6 +33,10 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
         model = DeiTForImageClassification(_vit_like_config(DeiTConfig))
     elif name == "deit_teacher":
         model = DeiTForImageClassificationWithTeacher(_vit_like_config(DeiTConfig))
+    elif name == "dinov2":
+        model = Dinov2ForImageClassification(Dinov2Config(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32,
+                                                          num_hidden_layers=2, num_attention_heads=4,
+                                                          intermediate_size=64, num_labels=NUM_LABELS))
     elif name == "swin":
         model = SwinForImageClassification(SwinConfig(image_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depths=[2, 2],
                                                       num_heads=[2, 4], window_size=4, num_labels=NUM_LABELS))
@@ -39,7 +45,7 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-MODEL_NAMES = ("vit", "deit", "deit_teacher", "swin")
+MODEL_NAMES = ("vit", "deit", "deit_teacher", "swin", "dinov2")
 
 
 def pixels(n: int = 8, seed: int = 1) -> torch.Tensor:

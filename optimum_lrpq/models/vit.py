@@ -1,31 +1,21 @@
-"""ViT and DeiT (transformers >= 5.10 layout: `<base>.layers.N.attention.{q,k,v,o}_proj`, `<base>.layers.N.mlp.fc{1,2}`)."""
+"""ViT and DeiT (transformers >= 5.10 layout: `<base>.layers.N.attention.{q,k,v,o}_proj`, `<base>.layers.N.mlp.fc{1,2}`).
+
+`ViTLayer.forward`: ``h = attention(layernorm_before(x)) + x``, then ``y = mlp(layernorm_after(h)) + h``.
+"""
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import ArchitectureAdapter, Block, LayerNormGroup, ModelLayout, register_adapter
+from .base import ArchitectureAdapter, LayoutBuilder, ModelLayout, register_adapter
 
 
-def _vit_like_layout(model: nn.Module, base: str, heads: tuple[str, ...]) -> ModelLayout:
-    encoder_layers = getattr(model, base).layers
-    groups, linears, attentions, blocks = [], [], [], []
-    for i in range(len(encoder_layers)):
-        p = f"{base}.layers.{i}"
-        qkv = tuple(f"{p}.attention.{n}" for n in ("q_proj", "k_proj", "v_proj"))
-        groups.append(LayerNormGroup(f"{p}.layernorm_before", qkv))
-        groups.append(LayerNormGroup(f"{p}.layernorm_after", (f"{p}.mlp.fc1",)))
-        linears += [f"{p}.attention.o_proj", f"{p}.mlp.fc2"]
-        attentions.append(f"{p}.attention")
-        blocks.append(Block(f"{p}.attention", (*qkv, f"{p}.attention.o_proj"), (f"{p}.mlp.fc1", f"{p}.mlp.fc2")))
-    return ModelLayout(
-        patch_embedding=f"{base}.embeddings.patch_embeddings.projection",
-        groups=tuple(groups),
-        linears=tuple(linears) + heads,
-        attentions=tuple(attentions),
-        blocks=tuple(blocks),
-        heads=heads,
-    )
+def _vit_like_layout(model: nn.Module, base: str, heads: tuple[str, ...],
+                     head_shares: tuple[float, ...] = ()) -> ModelLayout:
+    builder = LayoutBuilder()
+    for i in range(len(getattr(model, base).layers)):
+        builder.add_block(f"{base}.layers.{i}", norm1="layernorm_before", norm2="layernorm_after")
+    return builder.build(f"{base}.embeddings.patch_embeddings.projection", heads, head_shares)
 
 
 def vit_layout(model: nn.Module) -> ModelLayout:
@@ -33,8 +23,10 @@ def vit_layout(model: nn.Module) -> ModelLayout:
 
 
 def deit_layout(model: nn.Module) -> ModelLayout:
-    heads = ("cls_classifier", "distillation_classifier") if hasattr(model, "cls_classifier") else ("classifier",)
-    return _vit_like_layout(model, "deit", heads)
+    if hasattr(model, "cls_classifier"):
+        # logits = (cls_logits + distillation_logits) / 2: each head starts with half of the relevance.
+        return _vit_like_layout(model, "deit", ("cls_classifier", "distillation_classifier"), (0.5, 0.5))
+    return _vit_like_layout(model, "deit", ("classifier",))
 
 
 register_adapter(ArchitectureAdapter("vit", ("ViTForImageClassification",), vit_layout))

@@ -3,8 +3,9 @@
 Notation (method-reference.md §4.2): a layer computes ``z_j = sum_i x_i w_ij (+ b_j)``; ``R_j`` is the relevance at
 its output and ``R_i`` at its input; ``x+ = max(x, 0)``, ``x- = min(x, 0)`` and likewise for ``w``.
 
-Every function returns relevance with the shape of the operand it belongs to. Reductions "per sample" run over all
-dimensions but the first, so a sample's relevance never depends on the other samples of a batch. (Swin's window
+Every function returns relevance with the shape of the operand it belongs to. No rule reduces across the first
+(batch) dimension: "per sample" sums run over all other dimensions, LRP-eps stabilisers over a token's outputs (or
+an image's, for convolutions), so a sample's relevance never depends on the rest of its batch. (Swin's window
 batches have windows as samples; every window belongs to one image, so per-image semantics hold.)
 
 References:
@@ -36,12 +37,15 @@ def safe_divide(numerator: Tensor, denominator: Tensor, eps: float = STABILIZER)
     return torch.where(denominator == 0, torch.zeros_like(out), out)
 
 
-def epsilon_divide(numerator: Tensor, denominator: Tensor, eps_rel: float = EPSILON_REL) -> Tensor:
-    """``numerator / (z + eps * sign(z))`` with ``eps = eps_rel * mean|z|`` taken per sample (LRP-eps).
+def epsilon_divide(
+    numerator: Tensor, denominator: Tensor, eps_rel: float = EPSILON_REL, dims: tuple[int, ...] = (-1,)
+) -> Tensor:
+    """``numerator / (z + eps * sign(z))`` with ``eps = eps_rel * mean|z|`` over ``dims`` (LRP-eps).
 
-    A relative epsilon keeps the rule scale-free: the same model in other units gets the same relevance.
+    A relative epsilon keeps the rule scale-free. The default (the last dimension: one token's outputs) never mixes
+    tokens of different images, and is the same whether a layer sees a batch or one image.
     """
-    scale = denominator.abs().flatten(1).mean(1).view(-1, *([1] * (denominator.dim() - 1)))
+    scale = denominator.abs().mean(dim=dims, keepdim=True)
     sign = torch.where(denominator >= 0, 1.0, -1.0).to(denominator.dtype)
     return safe_divide(numerator, denominator + eps_rel * scale * sign)
 
@@ -156,18 +160,21 @@ def conv2d_zb_weights(x: Tensor, weight: Tensor, relevance: Tensor, geometry: Co
             - w_neg * back(high, weight.shape, s))
 
 
+_CHW = (1, 2, 3)  # a conv output's stabiliser scale is taken per image
+
+
 def conv2d_epsilon(
     x: Tensor, weight: Tensor, output: Tensor, relevance: Tensor, geometry: ConvGeometry, eps_rel: float = EPSILON_REL
 ) -> Tensor:
     """LRP-eps for a convolution; ``output`` is the real output (bias included)."""
-    return x * geometry.backward_input(x.shape, weight, epsilon_divide(relevance, output, eps_rel))
+    return x * geometry.backward_input(x.shape, weight, epsilon_divide(relevance, output, eps_rel, _CHW))
 
 
 def conv2d_epsilon_weights(
     x: Tensor, weight: Tensor, output: Tensor, relevance: Tensor, geometry: ConvGeometry, eps_rel: float = EPSILON_REL
 ) -> Tensor:
     """Per-weight relevance of ``conv2d_epsilon`` for one image (batch of 1), summed over positions."""
-    return weight * geometry.backward_weight(x, weight.shape, epsilon_divide(relevance, output, eps_rel))
+    return weight * geometry.backward_weight(x, weight.shape, epsilon_divide(relevance, output, eps_rel, _CHW))
 
 
 # ------------------------------------------------------------------------------------------------ Matmul, add, pool

@@ -1,0 +1,368 @@
+"""One relevance pass over a model: hooks that put relays into the graph, and the per-image bookkeeping.
+
+How each piece is handled (rules in ``rules.py``):
+
+* ``nn.Linear`` / ``nn.Conv2d`` / ``nn.LayerNorm`` / activation modules / Swin's ``AdaptiveAvgPool1d``: a forward
+  hook replaces the output by a relay carrying the module's rule.
+* attention matmuls and softmax: our registered attention function (``attention.py``).
+* residual adds ``y = skip + branch`` (inside ``ViTLayer.forward`` / ``SwinLayer.forward``, no module): autograd
+  would copy ``R_y`` to both operands. A relay on the branch output (forward hook on the branch's last module)
+  receives ``R_y``, applies the residual rule and passes the branch share on. The skip edge still delivers the full
+  ``R_y`` to the fork, so a relay on the branch *input* (forward pre-hook on its LayerNorm) adds
+  ``R_skip - R_y`` to what the branch returns to the fork. Autograd runs that relay only after everything
+  downstream of it, the branch-output relay included, so both values are known by then. The fork then holds
+  ``R_skip + R_branch_input`` (clone = sum), as the rule asks.
+* blocks (transformer layers, Swin patch merging): identity relays on input and output record the total relevance
+  crossing them, for conservation checks.
+
+Relevance is computed per image: no rule reduces over the batch, so batching does not change any result.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import PretrainedConfig
+from transformers.utils import logging
+
+from ..models import ModelLayout, ResidualSite
+from .attention import ACTIVE_RULES, ATTENTION_KEY
+from .layout import quantizable_layers, relevance_layout
+from .relay import identity, relay
+from .rules import RULE_SETS, ConvGeometry, RuleSet
+
+logger = logging.get_logger(__name__)
+
+_COMPUTE_DTYPE = torch.float32  # rules run in at least fp32 even for half-precision models
+
+
+def _f(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.to(_COMPUTE_DTYPE)
+
+
+def _is_activation(module: nn.Module) -> bool:
+    return type(module).__module__ == "transformers.activations" or isinstance(
+        module, (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh)
+    )
+
+
+@dataclass
+class RelevanceTrace:
+    """Per-image quantities of a relevance pass (tensors of shape [num_images], float64).
+
+    layer_abs / layer_sum: sum |R| and sum R at each quantizable layer's input (0 for a layer relevance never
+    reached). layer_weight: sum |R_ij| of the per-weight relevance (only if requested). branch: sum R entering each
+    residual branch (site name -> values). block_in / block_out: total relevance at each block's input / output.
+    start: total start relevance.
+    """
+
+    layers: list[str]
+    residuals: tuple[ResidualSite, ...]
+    blocks: tuple[str, ...]
+    layer_abs: dict[str, Tensor]
+    layer_sum: dict[str, Tensor]
+    layer_weight: dict[str, Tensor] | None
+    branch: dict[str, Tensor]
+    block_in: dict[str, Tensor]
+    block_out: dict[str, Tensor]
+    start: Tensor
+
+    @property
+    def num_images(self) -> int:
+        return int(self.start.numel())
+
+
+@dataclass
+class _SiteState:
+    skip: Tensor | None = None
+    r_out: Tensor | None = None
+    r_skip: Tensor | None = None
+
+
+@dataclass
+class _Session:
+    """Rules and per-batch records of a pass; hooks write here, ``run_relevance_pass`` collects."""
+
+    rules: RuleSet
+    weight_scores: bool
+    batch_size: int = 0
+    _batch_index: int = -1
+    records: dict[str, dict[str, list[Tensor]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    heads: list[tuple[Tensor, float]] = field(default_factory=list)
+    sites: dict[str, _SiteState] = field(default_factory=dict)
+
+    def per_image(self, t: Tensor) -> Tensor:
+        # Tensors are image-major (Swin's windows of one image are contiguous), so a reshape groups by image.
+        return t.detach().reshape(self.batch_size, -1).to(torch.float64).sum(1)
+
+    def record(self, kind: str, name: str, values: Tensor) -> None:
+        bucket = self.records[kind][name]
+        if len(bucket) > self._batch_index:  # a module called twice in one forward: accumulate
+            bucket[-1] = bucket[-1] + values.cpu()
+        else:
+            bucket.append(values.cpu())
+
+    def begin_batch(self, batch_size: int, batch_index: int) -> None:
+        self.batch_size, self._batch_index = batch_size, batch_index
+        self.heads.clear()
+        for state in self.sites.values():
+            state.skip = state.r_out = state.r_skip = None
+
+    def record_input_relevance(self, name: str, relevance: Tensor) -> None:
+        self.record("abs", name, self.per_image(relevance.abs()))
+        self.record("sum", name, self.per_image(relevance))
+
+    # ------------------------------------------------------------------------------------------------- rules
+
+    def linear_rule(self, name: str, x: Tensor, weight: Tensor, output: Tensor, relevance: Tensor) -> tuple[Tensor]:
+        r_in = self.rules.linear(_f(x), _f(weight), _f(output), _f(relevance))
+        self.record_input_relevance(name, r_in)
+        if self.weight_scores:
+            b = self.batch_size
+            xs, outs = _f(x).reshape(b, -1, x.shape[-1]), _f(output).reshape(b, -1, output.shape[-1])
+            rs = _f(relevance).reshape(b, -1, relevance.shape[-1])
+            values = [self.rules.linear_weights(xs[i], _f(weight), outs[i], rs[i]).abs().sum() for i in range(b)]
+            self.record("weight", name, torch.stack(values).to(torch.float64))
+        return (r_in.to(x.dtype),)
+
+    def conv_rule(self, name: str, x: Tensor, weight: Tensor, output: Tensor, geometry: ConvGeometry,
+                  relevance: Tensor) -> tuple[Tensor]:
+        r_in = self.rules.conv(_f(x), _f(weight), _f(output), _f(relevance), geometry)
+        self.record_input_relevance(name, r_in)
+        if self.weight_scores:
+            values = [
+                self.rules.conv_weights(_f(x[i : i + 1]), _f(weight), _f(output[i : i + 1]),
+                                        _f(relevance[i : i + 1]), geometry).abs().sum()
+                for i in range(x.shape[0])
+            ]
+            self.record("weight", name, torch.stack(values).to(torch.float64))
+        return (r_in.to(x.dtype),)
+
+    def pool_rule(self, x: Tensor, relevance: Tensor) -> tuple[Tensor]:
+        return (self.rules.mean_pool(_f(x), _f(relevance)).to(x.dtype),)
+
+    def total_rule(self, kind: str, name: str, relevance: Tensor) -> tuple[Tensor]:
+        self.record(kind, name, self.per_image(relevance))
+        return (relevance,)
+
+    def residual_rule(self, site: ResidualSite, state: _SiteState, branch: Tensor, relevance: Tensor) -> tuple[Tensor]:
+        r_skip, r_branch = self.rules.residual(_f(state.skip), _f(branch), _f(relevance))
+        state.r_out, state.r_skip = relevance, r_skip.to(relevance.dtype)
+        self.record("branch", site.name, self.per_image(r_branch))
+        return (r_branch.to(relevance.dtype),)
+
+    def skip_correction_rule(self, site: ResidualSite, state: _SiteState, relevance: Tensor) -> tuple[Tensor]:
+        if state.r_out is None:
+            raise RuntimeError(f"Relevance never reached the residual add after `{site.start}`; the model's forward "
+                               "does not match the layout compute_relevance expects.")
+        corrected = relevance + (state.r_skip - state.r_out)
+        state.skip = state.r_out = state.r_skip = None
+        return (corrected,)
+
+
+# ------------------------------------------------------------------------------------------------------- hooks
+
+
+def _linear_hook(session: _Session, name: str, head_share: float | None, module: nn.Linear, args, output):
+    x = args[0]
+    rule = functools.partial(session.linear_rule, name, x.detach(), module.weight.detach(), output.detach())
+    output = relay(rule, output, x)
+    if head_share is not None:
+        session.heads.append((output, head_share))
+    return output
+
+
+def _conv_hook(session: _Session, name: str, module: nn.Conv2d, args, output):
+    x = args[0]
+    rule = functools.partial(session.conv_rule, name, x.detach(), module.weight.detach(), output.detach(),
+                             ConvGeometry.of(module))
+    return relay(rule, output, x)
+
+
+def _identity_hook(module: nn.Module, args, output):
+    return relay(identity, output, args[0])
+
+
+def _pool_hook(session: _Session, module: nn.AdaptiveAvgPool1d, args, output):
+    if module.output_size not in (1, (1,)):
+        raise NotImplementedError("Relevance through AdaptiveAvgPool1d is implemented for output_size=1 only.")
+    return relay(functools.partial(session.pool_rule, args[0].detach()), output, args[0])
+
+
+def _site_start_hook(session: _Session, site: ResidualSite, state: _SiteState, module: nn.Module, args):
+    x = args[0]
+    state.skip = x.detach()
+    return (relay(functools.partial(session.skip_correction_rule, site, state), x, x), *args[1:])
+
+
+def _site_end_hook(session: _Session, site: ResidualSite, state: _SiteState, module: nn.Module, args, output):
+    branch = output[0] if isinstance(output, tuple) else output
+    branch = relay(functools.partial(session.residual_rule, site, state, branch.detach()), branch, branch)
+    return (branch, *output[1:]) if isinstance(output, tuple) else branch
+
+
+def _block_in_hook(session: _Session, name: str, module: nn.Module, args):
+    x = args[0]
+    return (relay(functools.partial(session.total_rule, "block_in", name), x, x), *args[1:])
+
+
+def _block_out_hook(session: _Session, name: str, module: nn.Module, args, output):
+    y = output[0] if isinstance(output, tuple) else output
+    y = relay(functools.partial(session.total_rule, "block_out", name), y, y)
+    return (y, *output[1:]) if isinstance(output, tuple) else y
+
+
+@contextmanager
+def _hooks(model: nn.Module, layout: ModelLayout, session: _Session) -> Iterator[None]:
+    """Register every hook of the pass; always remove them."""
+    modules = dict(model.named_modules())
+    heads = layout.start_shares()
+    layer_scales = set(layout.layer_scales)
+    handles = []
+    try:
+        for name, module in modules.items():
+            if isinstance(module, nn.Linear):
+                hook = functools.partial(_linear_hook, session, name, heads.get(name))
+            elif isinstance(module, nn.Conv2d):
+                hook = functools.partial(_conv_hook, session, name)
+            elif isinstance(module, nn.LayerNorm) or _is_activation(module) or name in layer_scales:
+                # LayerScale y = x * lambda: the z-rule gives R_x = x lambda / y * R_y = R_y, the identity
+                # (autograd would multiply by lambda and break conservation). It runs before the residual relay
+                # registered below on the same module.
+                hook = _identity_hook
+            elif isinstance(module, nn.AdaptiveAvgPool1d):
+                hook = functools.partial(_pool_hook, session)
+            else:
+                continue
+            handles.append(module.register_forward_hook(hook))
+        for site in layout.residuals:
+            state = session.sites.setdefault(site.name, _SiteState())
+            handles.append(modules[site.start].register_forward_pre_hook(
+                functools.partial(_site_start_hook, session, site, state)))
+            handles.append(modules[site.end].register_forward_hook(
+                functools.partial(_site_end_hook, session, site, state)))
+        for block in layout.conservation_units:
+            handles.append(modules[block].register_forward_pre_hook(functools.partial(_block_in_hook, session, block)))
+            handles.append(modules[block].register_forward_hook(functools.partial(_block_out_hook, session, block)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _configs(model: nn.Module) -> list[PretrainedConfig]:
+    seen: dict[int, PretrainedConfig] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if isinstance(config, PretrainedConfig):
+            seen.setdefault(id(config), config)
+    return list(seen.values())
+
+
+@contextmanager
+def relevance_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode and our attention function for the pass; the user's training flags and attention restored after."""
+    training = [(module, module.training) for module in model.modules()]
+    attention = [(config, config._attn_implementation_internal) for config in _configs(model)]
+    try:
+        model.eval()
+        model.set_attn_implementation(ATTENTION_KEY)
+        yield
+    finally:
+        # Restore the stored values themselves rather than calling set_attn_implementation again: exact, and
+        # free of the checks (and warnings) that a switch runs.
+        for config, implementation in attention:
+            config._attn_implementation_internal = implementation
+        for module, flag in training:
+            module.training = flag
+
+
+# -------------------------------------------------------------------------------------------------------- pass
+
+
+def run_relevance_pass(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor | None]],
+    *,
+    rule: str = "chefer",
+    weight_scores: bool = False,
+) -> RelevanceTrace:
+    """Propagate relevance for each ``(pixel_values, target_or_None)`` batch; None targets the predicted class.
+
+    Low-level: no argument checking beyond the model (see ``compute_relevance``). Also the way to inspect
+    conservation: ``trace.block_in`` / ``trace.block_out`` / ``trace.start``.
+    """
+    layout = relevance_layout(model)
+    session = _Session(rules=RULE_SETS[rule](), weight_scores=weight_scores)
+    parameter = next(model.parameters())
+    starts: list[Tensor] = []
+    # The pass needs autograd even if the caller runs under no_grad / inference_mode.
+    with relevance_mode(model), _hooks(model, layout, session), torch.inference_mode(False), torch.enable_grad():
+        for index, (pixel_values, target) in enumerate(batches):
+            session.begin_batch(pixel_values.shape[0], index)
+            pixels = pixel_values.detach().to(device=parameter.device, dtype=parameter.dtype).clone()
+            pixels.requires_grad_(True)
+            token = ACTIVE_RULES.set(session.rules)
+            try:
+                logits = model(pixel_values=pixels).logits.detach()
+                if target is None:
+                    target = logits.argmax(-1)
+                target = target.to(logits.device)
+                heads = list(session.heads)
+                one_hot = nn.functional.one_hot(target, logits.shape[-1])
+                seeds = [(share * one_hot).to(out.dtype) for out, share in heads]
+                # Relevance starts at the target logit(s) and ends at the pixels; no parameter .grad is touched.
+                torch.autograd.grad([out for out, _ in heads], [pixels], seeds)
+            finally:
+                ACTIVE_RULES.reset(token)
+                session.heads.clear()
+            starts.append(torch.full((pixels.shape[0],), float(sum(s for _, s in heads)), dtype=torch.float64))
+    trace = _collect(model, layout, session, starts)
+    if rule == "chefer":
+        _warn_if_not_conserved(trace)
+    return trace
+
+
+def _warn_if_not_conserved(trace: RelevanceTrace, tolerance: float = 0.01) -> None:
+    """The Chefer rules are conservative down to the encoder input; a loss there means relevance met exact zeros
+    (e.g. a class token initialised to zero, whose LayerNorm output is zero) or an unsupported layout."""
+    encoder_input = trace.block_in[trace.blocks[0]]
+    deviation = float(((encoder_input - trace.start).abs() / trace.start).max())
+    if deviation > tolerance:
+        logger.warning(f"Relevance at the encoder input differs from the start relevance by up to {deviation:.1%} "
+                       "(Chefer rules conserve it): some relevance met all-zero inputs, e.g. zero-initialised tokens.")
+
+
+def _collect(model: nn.Module, layout: ModelLayout, session: _Session, starts: list[Tensor]) -> RelevanceTrace:
+    start = torch.cat(starts)
+    n = start.numel()
+    records = session.records
+
+    def gather(kind: str, names: Iterable[str]) -> dict[str, Tensor]:
+        out = {}
+        for name in names:
+            values = records[kind].get(name)
+            out[name] = torch.cat(values) if values else torch.zeros(n, dtype=torch.float64)
+            if out[name].numel() != n:  # a layer reached in some batches only
+                raise RuntimeError(f"Relevance reached `{name}` in some batches only.")
+        return out
+
+    layers = quantizable_layers(model, layout)
+    return RelevanceTrace(
+        layers=layers,
+        residuals=layout.residuals,
+        blocks=layout.conservation_units,
+        layer_abs=gather("abs", layers),
+        layer_sum=gather("sum", layers),
+        layer_weight=gather("weight", layers) if session.weight_scores else None,
+        branch=gather("branch", [site.name for site in layout.residuals]),
+        block_in=gather("block_in", layout.conservation_units),
+        block_out=gather("block_out", layout.conservation_units),
+        start=start,
+    )

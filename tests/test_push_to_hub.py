@@ -1,0 +1,50 @@
+"""push_to_hub of a quantized model -> from_pretrained(repo_id) through the real huggingface_hub client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hub_server import run_with_hub
+
+TESTS = Path(__file__).parent
+
+PUSH = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+import tiny_models as T
+from optimum_lrpq import LRPQConfig, LRPQuantizer
+model = T.build("{name}")
+LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=6)).quantize_model(model, T.pixels(8), show_progress=False)
+info = model.push_to_hub("me/tiny-{name}-lrpq")
+print("COMMIT", info.commit_url)
+from safetensors.torch import save_file
+save_file({{"logits": T.logits(model, T.pixels(3, seed=9))}}, {out!r})
+"""
+
+PULL = r"""
+import sys, torch
+sys.path.insert(0, {tests!r})
+import tiny_models as T
+import optimum_lrpq
+from transformers import AutoModelForImageClassification
+model, info = AutoModelForImageClassification.from_pretrained("me/tiny-{name}-lrpq", output_loading_info=True,
+                                                              disable_mmap=True)
+assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+assert type(model.hf_quantizer).__name__ == "LRPQHfQuantizer"
+from safetensors.torch import load_file
+expected = load_file({out!r})["logits"]
+assert torch.equal(T.logits(model.eval(), T.pixels(3, seed=9)), expected)
+print("EQUAL OK")
+"""
+
+
+def test_push_to_hub_then_load_by_repo_id(hub_server, tmp_path):
+    name = "swin"
+    out = str(tmp_path / "expected.safetensors")
+    pushed = run_with_hub(hub_server, PUSH.format(tests=str(TESTS), name=name, out=out), tmp_path)
+    assert f"{hub_server.endpoint}/me/tiny-{name}-lrpq/commit/" in pushed.stdout
+    repo = hub_server.root / "me" / f"tiny-{name}-lrpq"
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in repo.iterdir()}
+    pulled = run_with_hub(hub_server, PULL.format(tests=str(TESTS), name=name, out=out), tmp_path)
+    assert "EQUAL OK" in pulled.stdout
+    assert not hub_server.unhandled, hub_server.unhandled
