@@ -13,18 +13,32 @@ from .configuration import LRPQConfig
 from .models import ModelLayout
 from .nn import LogQuantizer, PackedWeightLayer, QuantLayerNorm, UniformQuantizer
 from .observers import ActivationObserver
+from .quantization.clipping import clip_channel_scales
 from .quantization.reparameterization import reparameterize
 
 
 def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int) -> list[ActivationObserver]:
     observers = []
+    layernorm_quants = {id(m.out_quant) for m in model.modules() if isinstance(m, QuantLayerNorm)}
     for index, (name, module) in enumerate(model.named_modules()):
         if isinstance(module, (UniformQuantizer, LogQuantizer)):
             per_channel = isinstance(module, UniformQuantizer) and module.per_channel
+            keep = config.activation_range != "minmax" or (
+                config.clipping == "ccq_a" and id(module) in layernorm_quants
+            )
             module.observer = ActivationObserver(name, per_channel, config.activation_range, num_batches,
-                                                 seed=config.seed + index)
+                                                 seed=config.seed + index, keep_samples=keep)
             observers.append(module.observer)
     return observers
+
+
+def layernorm_grid(quant: UniformQuantizer, config: LRPQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel grid of a post-LayerNorm quantizer, with the configured clipping (CCQ) applied."""
+    clip_percentile = config.clipping_percentile if config.clipping == "ccq_a" else None
+    scale, zero_point = quant.observer.uniform_grid(quant.bits, clip_percentile=clip_percentile)
+    if config.clipping == "ccq_b":
+        scale = clip_channel_scales(scale, config.clipping_ratio)
+    return scale, zero_point
 
 
 @torch.no_grad()
@@ -41,14 +55,18 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def reparameterize_groups(model: nn.Module, layout: ModelLayout) -> None:
-    """Fold each quantized LayerNorm's per-channel output grid into its affine and its consumers."""
+def set_layernorm_grids(model: nn.Module, layout: ModelLayout, config: LRPQConfig) -> None:
+    """Fix each quantized LayerNorm's output grid; with `reparameterize`, fold it into the affine and consumers."""
     for group in layout.groups:
         layernorm = model.get_submodule(group.layernorm)
         if not isinstance(layernorm, QuantLayerNorm):
             continue
         quant = layernorm.out_quant
-        scale, zero_point = quant.observer.uniform_grid(quant.bits)
+        scale, zero_point = layernorm_grid(quant, config)
+        quant.observer = None
+        if not config.reparameterize:
+            quant.set_grid(scale, zero_point)
+            continue
         consumers = [model.get_submodule(name) for name in group.consumers]
         result = reparameterize(scale, zero_point, layernorm.weight.data, layernorm.bias.data,
                                 [c.weight.data for c in consumers], [c.bias.data if c.bias is not None else None
@@ -59,7 +77,6 @@ def reparameterize_groups(model: nn.Module, layout: ModelLayout) -> None:
             consumer.weight.data.copy_(weight)
             consumer.bias.data.copy_(bias)
         quant.set_grid(result.scale, result.zero_point)
-        quant.observer = None
 
 
 def finalize_activation_grids(model: nn.Module) -> None:
@@ -85,8 +102,7 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
     attach_observers(model, config, len(batches))
     try:
         run_batches(model, batches, "Calibrating", show_progress)
-        if config.reparameterize:
-            reparameterize_groups(model, layout)
+        set_layernorm_grids(model, layout, config)
         freeze_weights(model, config.weight_range)
         finalize_activation_grids(model)
     finally:

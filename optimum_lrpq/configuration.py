@@ -22,6 +22,7 @@ FORMAT_VERSION = 1
 SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
 RANGE_METHODS = ("minmax", "percentile_mse")
 RELEVANCE_TARGETS = ("predicted", "label")
+CLIPPING_RULES = ("ccq_a", "ccq_b")
 
 
 def check_bits(value: Any, what: str) -> int:
@@ -62,6 +63,9 @@ class LRPQConfig(QuantizationConfigMixin):
         weight_range, activation_range: range estimator, "minmax" or "percentile_mse".
         reparameterize: fold per-channel post-LayerNorm quantization into the LayerNorm affine and the next
             linear (RepQ-ViT), so inference uses one per-tensor quantizer.
+        clipping: clipped channel-wise quantization of post-LayerNorm activations: None, "ccq_a" (clamp the
+            activations to their tensor-level `clipping_percentile` range before the per-channel search) or
+            "ccq_b" (clamp per-channel steps to [median / `clipping_ratio`, median * `clipping_ratio`]).
         num_calibration_samples: images used for calibration (and relevance).
         calibration_batch_size: micro-batch size of the calibration passes.
         seed: seed for any sampling done during calibration.
@@ -83,6 +87,9 @@ class LRPQConfig(QuantizationConfigMixin):
         weight_range: str = "minmax",
         activation_range: str = "minmax",
         reparameterize: bool = True,
+        clipping: str | None = None,
+        clipping_percentile: float = 0.999,
+        clipping_ratio: float = 4.0,
         num_calibration_samples: int = 32,
         calibration_batch_size: int = 8,
         seed: int = 0,
@@ -113,6 +120,9 @@ class LRPQConfig(QuantizationConfigMixin):
         self.weight_range = weight_range
         self.activation_range = activation_range
         self.reparameterize = reparameterize
+        self.clipping = clipping
+        self.clipping_percentile = clipping_percentile
+        self.clipping_ratio = clipping_ratio
         self.num_calibration_samples = num_calibration_samples
         self.calibration_batch_size = calibration_batch_size
         self.seed = seed
@@ -151,6 +161,16 @@ class LRPQConfig(QuantizationConfigMixin):
         _check_choice(self.weight_range, "weight_range", RANGE_METHODS)
         _check_choice(self.activation_range, "activation_range", RANGE_METHODS)
         _check_choice(self.relevance_target, "relevance_target", RELEVANCE_TARGETS)
+        if self.clipping is not None:
+            _check_choice(self.clipping, "clipping", CLIPPING_RULES)
+        if isinstance(self.clipping_percentile, bool) or not isinstance(self.clipping_percentile, numbers.Real) or not (
+            0.5 < self.clipping_percentile <= 1.0
+        ):
+            raise ValueError(f"clipping_percentile must be a number in (0.5, 1], got {self.clipping_percentile!r}.")
+        if isinstance(self.clipping_ratio, bool) or not isinstance(self.clipping_ratio, numbers.Real) or (
+            self.clipping_ratio < 1.0
+        ):
+            raise ValueError(f"clipping_ratio must be a number >= 1, got {self.clipping_ratio!r}.")
         self.num_calibration_samples = _check_positive_int(self.num_calibration_samples, "num_calibration_samples")
         self.calibration_batch_size = _check_positive_int(self.calibration_batch_size, "calibration_batch_size")
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral):

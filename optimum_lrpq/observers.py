@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 
 from .quantization import ranges
+from .quantization.clipping import clip_activation_samples
 from .quantization.range_methods import estimate_range
+from .quantization.uniform import scale_zero_point_from_range
 
 # Values kept per quantizer for the percentile search: 4 MB of float32. Enough for stable 99.999th
 # percentiles (10 values beyond it) while keeping ViT-Base's ~80 quantizers well under 1 GB.
@@ -23,10 +25,12 @@ class NonFiniteActivationError(ValueError):
 
 class ActivationObserver:
     def __init__(self, name: str, per_channel: bool, method: str, num_batches: int, seed: int,
-                 max_samples: int = DEFAULT_MAX_SAMPLES):
+                 max_samples: int = DEFAULT_MAX_SAMPLES, keep_samples: bool | None = None):
         self.name = name
         self.per_channel = per_channel
         self.method = method
+        # min/max needs no samples, unless the samples are clipped first (CCQ-a).
+        self.keep_samples = method != "minmax" if keep_samples is None else keep_samples
         self.low: torch.Tensor | None = None
         self.high: torch.Tensor | None = None
         self._samples: list[torch.Tensor] = []
@@ -44,7 +48,7 @@ class ActivationObserver:
         low, high = (rows.amin(dim=0), rows.amax(dim=0)) if self.per_channel else (x.min().reshape(1), x.max().reshape(1))
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
-        if self.method != "minmax":
+        if self.keep_samples:
             self._samples.append(self._subsample(x.cpu()))
 
     def _subsample(self, x: torch.Tensor) -> torch.Tensor:
@@ -65,14 +69,19 @@ class ActivationObserver:
                 f"The quantizer {self.name!r} saw no data during calibration; the calibration pass did not reach it."
             )
 
-    def uniform_grid(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero_point) as 1-D tensors: one element per tensor, or one per channel."""
-        self._check_observed()
-        if self.method == "minmax":
-            from .quantization.uniform import scale_zero_point_from_range
+    def uniform_grid(self, bits: int, clip_percentile: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero_point) as 1-D tensors: one element per tensor, or one per channel.
 
+        `clip_percentile` (CCQ-a) clamps the samples to their tensor-level percentile range first.
+        """
+        self._check_observed()
+        if self.method == "minmax" and clip_percentile is None:
             return scale_zero_point_from_range(self.low.cpu(), self.high.cpu(), bits)
+        if not self._samples:
+            raise RuntimeError(f"The observer of {self.name!r} kept no samples; create it with keep_samples=True.")
         data = torch.cat(self._samples, dim=0)
+        if clip_percentile is not None:
+            data = clip_activation_samples(data, clip_percentile)
         scale, zero_point = estimate_range(data, bits, channel_axis=1 if self.per_channel else None, method=self.method)
         return scale.reshape(-1), zero_point.reshape(-1)
 

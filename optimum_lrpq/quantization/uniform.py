@@ -60,3 +60,10 @@ def channel_view_shape(ndim: int, channel_axis: int, channels: int) -> list[int]
     shape = [1] * ndim
     shape[channel_axis] = channels
     return shape
+
+
+def check_bits(bits: int) -> int:
+    """`bits` if it is an int in [MIN_BITS, MAX_BITS]; ValueError otherwise (bool is rejected: True is not a width)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}.")
+    return bits

@@ -1,0 +1,65 @@
+"""Logarithmic quantization of post-softmax probabilities (values in [0, 1]): the formulas only, no state.
+
+log√2 (sqrt2=True, RepQ-ViT) and plain log2 (sqrt2=False), with k = 2 and k = 1 respectively:
+
+    q     = clamp(round(-k * log2(x / scale)), 0, 2**bits - 1)     # level index; level 0 is `scale` itself
+    x_hat = scale * 2**(-q / k)                                    # 0 where the unclamped q >= 2**bits
+
+Values above `scale` saturate to it. Values below the smallest level (underflow, including 0 and, defensively,
+negative inputs) dequantize to exactly 0; their code is `zero_code(bits)` = 2**bits. So, as in RepQ-ViT, the
+quantizer has 2**bits non-zero levels plus zero: an integer kernel storing exactly `bits` bits must give up one level.
+See shared/notes/method-reference.md §2.4.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def zero_code(bits: int) -> int:
+    """The code that means "exactly zero" (underflow): one past the last level."""
+    return 1 << bits
+
+
+def _log_steps(sqrt2: bool) -> float:
+    """Levels per octave: 2 for log√2, 1 for log2."""
+    return 2.0 if sqrt2 else 1.0
+
+
+def log_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
+    """Level codes as a float32 tensor: values in [0, 2**bits - 1], or `zero_code(bits)` for underflow."""
+    q = x.float() / scale
+    q.log2_().mul_(-_log_steps(sqrt2)).round_()
+    # log2(0) = -inf gives q = +inf and log2(negative) gives NaN: both are underflow. q = -inf (x / scale = +inf)
+    # saturates like any value above `scale`.
+    q.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf).clamp_(0, zero_code(bits))
+    return q
+
+
+def log_dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
+    """scale * 2**(-q / k), and 0 for the zero code (direct form)."""
+    codes = codes.float()
+    values = torch.exp2(codes / -_log_steps(sqrt2)) * scale
+    return values.masked_fill_(codes >= zero_code(bits), 0.0)
+
+
+def log_dequantize_shift(codes: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
+    """Same numbers as `log_dequantize`, written as a hardware would compute them.
+
+    log√2: scale * 2**(-ceil(q/2)) * (1 + (√2 - 1) * [q odd]), i.e. a right shift by ceil(q/2) plus one constant √2
+    factor on odd levels (two shift-accumulators, the odd one multiplied once by √2). log2: scale * 2**(-q).
+    """
+    codes = codes.float()
+    if sqrt2:
+        odd = torch.remainder(codes, 2.0)
+        values = torch.exp2(-torch.ceil(codes / 2)) * (1 + (math.sqrt(2) - 1) * odd) * scale
+    else:
+        values = torch.exp2(-codes) * scale
+    return values.masked_fill_(codes >= zero_code(bits), 0.0)
+
+
+def log_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
+    """Quantize then dequantize, computed in float32 and returned in `x.dtype`."""
+    return log_dequantize(log_quantize(x, scale, bits, sqrt2), scale, bits, sqrt2).to(x.dtype)
