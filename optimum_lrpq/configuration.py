@@ -23,6 +23,9 @@ SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
 RANGE_METHODS = ("minmax", "percentile_mse")
 RELEVANCE_TARGETS = ("predicted", "label")
 CLIPPING_RULES = ("ccq_a", "ccq_b")
+ALLOCATIONS = ("lrp", "uniform", "random", "magnitude")
+RELEVANCE_SCORES = ("linear_abs", "branch", "weight")
+RELEVANCE_RULES = ("chefer", "epsilon")
 
 
 def check_bits(value: Any, what: str) -> int:
@@ -70,6 +73,10 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_batch_size: micro-batch size of the calibration passes.
         seed: seed for any sampling done during calibration.
         relevance_target: start relevance at the "predicted" class or at the "label".
+        relevance_score: per-layer contribution score: "linear_abs" (Σ|R| at the layer input), "branch" or "weight".
+        relevance_rule: LRP rule set, "chefer" (Chefer et al. 2021) or "epsilon".
+        allocation: how mixed precision picks bits: "lrp" (relevance, the method), or the baselines "uniform",
+            "random" (a random feasible allocation) and "magnitude" (weight-range sensitivity).
         modules_to_not_convert: module names (or name suffixes) that stay in floating point.
         calibration_dataset, calibration_split, calibration_image_column: a dataset given by hub name or local
             path, used when quantizing at load time (`from_pretrained(..., quantization_config=...)`).
@@ -94,6 +101,9 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_batch_size: int = 8,
         seed: int = 0,
         relevance_target: str = "predicted",
+        relevance_score: str = "linear_abs",
+        relevance_rule: str = "chefer",
+        allocation: str = "lrp",
         modules_to_not_convert: list[str] | None = None,
         calibration_dataset: str | None = None,
         calibration_split: str = "train",
@@ -127,6 +137,9 @@ class LRPQConfig(QuantizationConfigMixin):
         self.calibration_batch_size = calibration_batch_size
         self.seed = seed
         self.relevance_target = relevance_target
+        self.relevance_score = relevance_score
+        self.relevance_rule = relevance_rule
+        self.allocation = allocation
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.calibration_dataset = calibration_dataset
         self.calibration_split = calibration_split
@@ -161,6 +174,9 @@ class LRPQConfig(QuantizationConfigMixin):
         _check_choice(self.weight_range, "weight_range", RANGE_METHODS)
         _check_choice(self.activation_range, "activation_range", RANGE_METHODS)
         _check_choice(self.relevance_target, "relevance_target", RELEVANCE_TARGETS)
+        _check_choice(self.relevance_score, "relevance_score", RELEVANCE_SCORES)
+        _check_choice(self.relevance_rule, "relevance_rule", RELEVANCE_RULES)
+        _check_choice(self.allocation, "allocation", ALLOCATIONS)
         if self.clipping is not None:
             _check_choice(self.clipping, "clipping", CLIPPING_RULES)
         if isinstance(self.clipping_percentile, bool) or not isinstance(self.clipping_percentile, numbers.Real) or not (

@@ -19,7 +19,9 @@ from .configuration import LRPQConfig
 from .conversion import convert_model, plan_layer_bits, restore_model
 from .data import CalibrationSet, prepare_calibration_data
 from .hf_quantizer import LRPQHfQuantizer
+from .mixed_precision import choose_layer_bits
 from .models import get_adapter
+from .relevance import compute_relevance
 from .nn import ATTENTION_KEY, PackedWeightLayer
 
 logger = logging.get_logger(__name__)
@@ -103,12 +105,20 @@ class LRPQuantizer:
     def _choose_bits(self, model, layout, config: LRPQConfig, calibration: CalibrationSet, show_progress: bool):
         bits = plan_layer_bits(layout, config)
         self.relevance = None
-        if config.mixed_precision:
-            raise NotImplementedError(
-                "mixed_precision=True (LRP-guided bit allocation) is not available in this version yet; use "
-                "mixed_precision=False for uniform bits."
+        if not config.mixed_precision:
+            return bits
+        if config.allocation == "lrp":
+            if config.relevance_target == "label" and calibration.labels is None:
+                raise ValueError(
+                    "relevance_target='label' needs labels in the calibration data (a 'label'/'labels' column or "
+                    "(images, labels) batches); use relevance_target='predicted' otherwise."
+                )
+            self.relevance = compute_relevance(
+                model, calibration.batches, target=config.relevance_target,
+                labels=calibration.labels if config.relevance_target == "label" else None,
+                score=config.relevance_score, rule=config.relevance_rule, show_progress=show_progress,
             )
-        return bits
+        return choose_layer_bits(model, layout, config, bits, calibration, self.relevance)
 
     def save(self, model: nn.Module, save_dir: str | os.PathLike, **kwargs: Any) -> None:
         """Save the quantized model (safetensors + config with `quantization_config`)."""

@@ -1,0 +1,129 @@
+"""Mixed precision: per-layer scores (LRP relevance or a baseline) + budgets -> `layer_bits`.
+
+Allocation units. Layers that read one shared activation quantizer must get the same activation bits: q, k and
+v read the same post-LayerNorm output, so each LayerNorm group (q/k/v, fc1, Swin's reduction) is one unit whose
+cost and score are the sums of its layers'. o_proj, fc2 and the heads are units of their own. The attention
+operands (q, k, v, probabilities) of a block take the bits of its q/k/v unit.
+
+The patch embedding keeps `weight_bits` weights and its `patch_embedding_input_bits` input (RepQ-ViT keeps the
+image at 8 bits) and is left out of the budgets, which apply to every other quantized layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .allocation import LayerCost, allocate_bits, random_bits
+from .configuration import LRPQConfig
+from .data import CalibrationSet
+from .models import ModelLayout
+
+ALLOCATIONS = ("lrp", "uniform", "random", "magnitude")
+
+
+@dataclass(frozen=True)
+class Unit:
+    name: str
+    layers: tuple[str, ...]
+    layernorm: str | None  # the shared input quantizer's LayerNorm, for groups
+
+
+def allocation_units(layout: ModelLayout, layer_bits: dict[str, dict[str, int]]) -> list[Unit]:
+    """Units over the layers that `layer_bits` quantizes (the patch embedding excluded)."""
+    units = []
+    for group in layout.groups:
+        kept = tuple(c for c in group.consumers if c in layer_bits)
+        if group.layernorm in layer_bits:
+            units.append(Unit(group.layernorm, kept, group.layernorm))
+        else:
+            units += [Unit(c, (c,), None) for c in kept]
+    units += [Unit(name, (name,), None) for name in layout.linears if name in layer_bits]
+    return units
+
+
+def default_candidates(budget: int) -> list[int]:
+    """One bit below to two above the budget, within 2..8 (e.g. 3-6 around 4, 5-8 around 6)."""
+    return list(range(max(2, budget - 1), min(8, budget + 2) + 1))
+
+
+@torch.no_grad()
+def layer_macs(model: nn.Module, names: list[str], example: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per image of each named Linear/Conv2d, measured with one forward pass."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def record(mod, inputs, output, name=name):
+            per_image = output.numel() // output.shape[0]
+            fan_in = mod.weight.numel() // mod.weight.shape[0]
+            macs[name] = int(per_image * fan_in)
+
+        hooks.append(module.register_forward_hook(record))
+    try:
+        model(pixel_values=example[:1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return macs
+
+
+def magnitude_scores(model: nn.Module, names: list[str]) -> dict[str, float]:
+    """Weight-magnitude baseline: mean squared per-row weight range (quantization noise ∝ range² · 4^(−b))."""
+    scores = {}
+    for name in names:
+        weight = model.get_submodule(name).weight.detach().float()
+        rows = weight.reshape(weight.shape[0], -1)
+        scores[name] = float(((rows.amax(1) - rows.amin(1)) ** 2).mean())
+    return scores
+
+
+def choose_layer_bits(
+    model: nn.Module,
+    layout: ModelLayout,
+    config: LRPQConfig,
+    uniform_bits: dict[str, dict[str, int]],
+    calibration: CalibrationSet,
+    relevance: dict[str, float] | None,
+) -> dict[str, dict[str, int]]:
+    """Per-layer bits under the budgets `config.weight_bits` / `config.activation_bits`."""
+    units = allocation_units(layout, uniform_bits)
+    layers = [layer for unit in units for layer in unit.layers]
+    macs = layer_macs(model, layers, calibration.batches[0])
+    costs = [
+        LayerCost(unit.name, sum(model.get_submodule(n).weight.numel() for n in unit.layers),
+                  sum(macs[n] for n in unit.layers))
+        for unit in units
+    ]
+    couple = config.weight_bits == config.activation_bits
+    candidates = config.candidate_bits or sorted(
+        set(default_candidates(config.weight_bits)) | set(default_candidates(config.activation_bits))
+    )
+    if config.allocation == "uniform":
+        return uniform_bits
+    if config.allocation == "random":
+        allocation = random_bits(costs, weight_budget=config.weight_bits, activation_budget=config.activation_bits,
+                                 candidate_bits=candidates, seed=config.seed)
+    else:
+        per_layer = relevance if config.allocation == "lrp" else magnitude_scores(model, layers)
+        scores = {unit.name: sum(per_layer[n] for n in unit.layers) for unit in units}
+        allocation = allocate_bits(scores, costs, weight_budget=config.weight_bits,
+                                   activation_budget=config.activation_bits, candidate_bits=candidates, couple=couple)
+    return _expand(allocation, units, layout, uniform_bits)
+
+
+def _expand(allocation, units: list[Unit], layout: ModelLayout, uniform_bits) -> dict[str, dict[str, int]]:
+    bits = {name: dict(entry) for name, entry in uniform_bits.items()}
+    for unit in units:
+        w, a = allocation[unit.name]
+        for layer in unit.layers:
+            bits[layer] = {"weight": int(w), "activation": int(a)}
+        if unit.layernorm is not None:
+            bits[unit.layernorm] = {"activation": int(a)}
+    for block in layout.blocks:
+        if block.attention in bits and block.attention_linears[0] in bits:
+            bits[block.attention] = {"activation": bits[block.attention_linears[0]]["activation"]}
+    return bits
