@@ -16,15 +16,16 @@ import tempfile
 
 import torch
 from transformers import ViTConfig, ViTForImageClassification
+from transformers.utils import logging
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.nn import PackedWeightLayer
 
 CONFIGS = {
-    "base": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, num_labels=1000),
-    "tiny": dict(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 intermediate_size=128, num_labels=10),
+    "base": {"image_size": 224, "patch_size": 16, "hidden_size": 768, "num_hidden_layers": 12,
+             "num_attention_heads": 12, "intermediate_size": 3072, "num_labels": 1000},
+    "tiny": {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 128, "num_labels": 10},
 }
 
 
@@ -48,6 +49,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     parser.add_argument("--calibration-images", type=int, default=2)
     args = parser.parse_args()
+    logging.disable_progress_bar()
 
     config = ViTConfig(**CONFIGS[args.model])
     torch.manual_seed(0)

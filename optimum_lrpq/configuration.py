@@ -193,12 +193,12 @@ class LRPQConfig(QuantizationConfigMixin):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
         if self.layer_bits is not None:
             self.layer_bits = _check_layer_bits(self.layer_bits)
-        if self.relevance is not None:
-            if not isinstance(self.relevance, dict) or not all(
-                isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
-                for k, v in self.relevance.items()
-            ):
-                raise ValueError("relevance must map layer names to numbers.")
+        if self.relevance is not None and (
+            not isinstance(self.relevance, dict)
+            or not all(isinstance(k, str) and isinstance(v, numbers.Real) and not isinstance(v, bool)
+                       for k, v in self.relevance.items())
+        ):
+            raise ValueError("relevance must map layer names to numbers.")
 
     def bits_of(self, module_name: str, kind: str) -> int:
         """Bits recorded for `module_name` ('weight' or 'activation'); the uniform setting if not recorded."""

@@ -21,8 +21,8 @@ from .data import CalibrationSet, prepare_calibration_data
 from .hf_quantizer import LRPQHfQuantizer
 from .mixed_precision import choose_layer_bits
 from .models import get_adapter
-from .relevance import compute_relevance
 from .nn import ATTENTION_KEY, PackedWeightLayer
+from .relevance import compute_relevance
 
 logger = logging.get_logger(__name__)
 

@@ -13,8 +13,8 @@ from transformers import ViTImageProcessorPil
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 
-CONFIG = dict(weight_bits=8, activation_bits=8, mixed_precision=False, num_calibration_samples=8,
-              calibration_batch_size=4)
+CONFIG = {"weight_bits": 8, "activation_bits": 8, "mixed_precision": False, "num_calibration_samples": 8,
+          "calibration_batch_size": 4}
 
 
 def quantized_logits(data, **kwargs):

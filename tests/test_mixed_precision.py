@@ -49,7 +49,7 @@ def test_budgets_hold_and_shared_quantizers_agree(name):
 
 
 def test_mixed_bits_actually_differ_and_round_trip(tmp_path):
-    model, quantizer, layout, sizes, macs = quantize("vit", weight_bits=6, activation_bits=6)
+    model, _, _, sizes, _ = quantize("vit", weight_bits=6, activation_bits=6)
     bits = model.config.quantization_config.layer_bits
     assert len({bits[n]["weight"] for n in sizes}) > 1, bits
     x = pixels(2, seed=3)

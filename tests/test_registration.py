@@ -28,6 +28,7 @@ def test_register_twice_and_reload_do_not_raise():
 
 def test_import_in_fresh_interpreter_twice():
     code = "import importlib, optimum_lrpq; importlib.reload(optimum_lrpq); import optimum_lrpq; print('ok')"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")

@@ -111,7 +111,7 @@ def test_safetensors_only_and_packed(tmp_path):
         packed = [k for k in keys if k.endswith(".qweight")]
         assert packed and all(f.get_slice(k).get_dtype() == "U8" for k in packed)
     # no float copy of a quantized weight is stored
-    assert not any(k.endswith("query.weight") or k.endswith("intermediate.dense.weight") for k in keys)
+    assert not any(k.endswith(("query.weight", "intermediate.dense.weight")) for k in keys)
 
 
 def test_mixed_bits_from_config_round_trip(tmp_path):
