@@ -5,6 +5,8 @@ Operates on a model already converted with `conversion.convert_model(..., skelet
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -97,14 +99,22 @@ def freeze_weights(model: nn.Module, range_method: str) -> None:
 
 
 def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches: list[torch.Tensor],
-              show_progress: bool = True) -> None:
-    """One observation pass, reparameterization, then weights and activation grids are fixed."""
+              show_progress: bool = True, timings: dict[str, float] | None = None) -> None:
+    """One observation pass, reparameterization, then weights and activation grids are fixed.
+
+    `timings`, if given, receives the seconds spent in each stage.
+    """
+    timings = {} if timings is None else timings
     attach_observers(model, config, len(batches))
     try:
+        start = time.perf_counter()
         run_batches(model, batches, "Calibrating", show_progress)
+        timings["calibration_pass"] = time.perf_counter() - start
+        start = time.perf_counter()
         set_layernorm_grids(model, layout, config)
         freeze_weights(model, config.weight_range)
         finalize_activation_grids(model)
+        timings["grids_and_weights"] = time.perf_counter() - start
     finally:
         for module in model.modules():
             if isinstance(module, (UniformQuantizer, LogQuantizer)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ class LRPQuantizer:
             raise TypeError(f"config must be an LRPQConfig, got {type(self.config).__name__}.")
         self.relevance: dict[str, float] | None = None
         self.layer_bits: dict[str, dict[str, int]] | None = None
+        # Seconds per pipeline stage of the last `quantize_model` call (relevance, allocation, calibration, ...).
+        self.timings: dict[str, float] = {}
 
     def quantize_model(
         self,
@@ -83,12 +86,13 @@ class LRPQuantizer:
         )
         was_training = model.training
         model.eval()
+        self.timings = {}
         layer_bits = self._choose_bits(model, layout, config, calibration, show_progress)
         previous_attention = model.config._attn_implementation
         replaced = convert_model(model, layout, layer_bits, config, skeleton=False)
         try:
             model.set_attn_implementation(ATTENTION_KEY)
-            calibrate(model, layout, config, calibration.batches, show_progress=show_progress)
+            calibrate(model, layout, config, calibration.batches, show_progress=show_progress, timings=self.timings)
         except BaseException:
             restore_model(model, replaced)
             model.set_attn_implementation(previous_attention)
@@ -113,12 +117,17 @@ class LRPQuantizer:
                     "relevance_target='label' needs labels in the calibration data (a 'label'/'labels' column or "
                     "(images, labels) batches); use relevance_target='predicted' otherwise."
                 )
+            start = time.perf_counter()
             self.relevance = compute_relevance(
                 model, calibration.batches, target=config.relevance_target,
                 labels=calibration.labels if config.relevance_target == "label" else None,
                 score=config.relevance_score, rule=config.relevance_rule, show_progress=show_progress,
             )
-        return choose_layer_bits(model, layout, config, bits, calibration, self.relevance)
+            self.timings["relevance"] = time.perf_counter() - start
+        start = time.perf_counter()
+        bits = choose_layer_bits(model, layout, config, bits, calibration, self.relevance)
+        self.timings["allocation"] = time.perf_counter() - start
+        return bits
 
     def save(self, model: nn.Module, save_dir: str | os.PathLike, **kwargs: Any) -> None:
         """Save the quantized model (safetensors + config with `quantization_config`)."""
