@@ -13,6 +13,7 @@ from typing import Any
 from transformers.quantizers import HfQuantizer
 from transformers.utils import logging
 
+from .checkpoint import validate_checkpoint
 from .configuration import LRPQConfig
 from .conversion import convert_model
 from .models import get_adapter
@@ -53,6 +54,8 @@ class LRPQHfQuantizer(HfQuantizer):
             return model  # float weights load as usual; quantization happens after loading
         layout = get_adapter(model).layout(model)
         convert_model(model, layout, self.quantization_config.layer_bits, self.quantization_config, skeleton=True)
+        # transformers would only warn about missing/unexpected tensors; for quantized weights that is a wrong model.
+        validate_checkpoint(model, kwargs.get("checkpoint_files"))
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):

@@ -1,0 +1,90 @@
+"""Broken or tampered lrpq checkpoints fail at load time with an error naming the tensor or field."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import build, pixels
+from transformers import AutoModelForImageClassification
+
+from optimum_lrpq import LRPQConfig, LRPQuantizer
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    model = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=4)).quantize_model(build("vit"), pixels(4),
+                                                                                       show_progress=False)
+    model.save_pretrained(path)
+    return path
+
+
+def tampered(saved, tmp_path, edit):
+    target = tmp_path / "tampered"
+    shutil.copytree(saved, target)
+    tensors = load_file(saved / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, target / "model.safetensors", metadata={"format": "pt"})
+    return target
+
+
+QWEIGHT = "vit.encoder.layer.0.intermediate.dense.qweight"
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: t.pop(QWEIGHT), rf"missing tensors \['{QWEIGHT}'\]"),
+        (lambda t: t.__setitem__("vit.encoder.layer.0.backdoor", torch.zeros(2)), "unexpected tensors"),
+        (lambda t: t.__setitem__(QWEIGHT, t[QWEIGHT][:, :-1].contiguous()),
+         rf"'{QWEIGHT}' has shape \[64, 15\], expected \[64, 16\]"),
+        (lambda t: t.__setitem__(QWEIGHT, t[QWEIGHT].float()), rf"'{QWEIGHT}' is F32, expected U8"),
+        (lambda t: t.pop("vit.encoder.layer.1.attention.softmax_quant.scale"), "softmax_quant.scale"),
+    ],
+    ids=["missing", "extra", "packed-length", "dtype", "missing-quantizer"],
+)
+def test_tampered_tensors(saved, tmp_path, edit, message):
+    with pytest.raises(ValueError, match=message):
+        AutoModelForImageClassification.from_pretrained(tampered(saved, tmp_path, edit))
+
+
+def test_truncated_file(saved, tmp_path):
+    target = tmp_path / "truncated"
+    shutil.copytree(saved, target)
+    data = (saved / "model.safetensors").read_bytes()
+    (target / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or not a safetensors file"):
+        AutoModelForImageClassification.from_pretrained(target)
+
+
+def test_pickle_checkpoint_is_never_read(saved, tmp_path):
+    target = tmp_path / "pickled"
+    shutil.copytree(saved, target)
+    (target / "model.safetensors").unlink()
+    torch.save(build("vit").state_dict(), target / "pytorch_model.bin")  # a pickle file where safetensors should be
+    with pytest.raises(ValueError, match=r"safetensors only; refusing to read 'pytorch_model.bin'"):
+        AutoModelForImageClassification.from_pretrained(target)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("weight_bits", "four", "weight_bits must be an integer"),
+        ("mixed_precision", "yes", "mixed_precision must be True or False"),
+        ("layer_bits", [1, 2], "layer_bits must be a dict"),
+        ("relevance", {"a": "high"}, "relevance must map layer names to numbers"),
+        ("softmax_quantizer", "exp", "softmax_quantizer must be one of"),
+    ],
+)
+def test_wrong_config_types(saved, tmp_path, field, value, message):
+    target = tmp_path / "cfg"
+    shutil.copytree(saved, target)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"][field] = value
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForImageClassification.from_pretrained(target)
