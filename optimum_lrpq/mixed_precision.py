@@ -106,7 +106,7 @@ def choose_layer_bits(
         return uniform_bits
     if config.allocation == "random":
         allocation = random_bits(costs, weight_budget=config.weight_bits, activation_budget=config.activation_bits,
-                                 candidate_bits=candidates, seed=config.seed)
+                                 candidate_bits=candidates, seed=config.seed, couple=couple)
     else:
         per_layer = relevance if config.allocation == "lrp" else magnitude_scores(model, layers)
         scores = {unit.name: sum(per_layer[n] for n in unit.layers) for unit in units}

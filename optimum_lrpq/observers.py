@@ -39,29 +39,33 @@ class ActivationObserver:
 
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        if not torch.isfinite(x).all():
+        if self.per_channel:
+            low, high = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)
+        else:
+            low, high = (v.reshape(1) for v in torch.aminmax(x))
+        # NaN propagates into min/max and Inf shows up there too, so this costs no extra pass over x.
+        if not (torch.isfinite(low).all() and torch.isfinite(high).all()):
             raise NonFiniteActivationError(
                 f"Non-finite values (NaN or Inf) reach the quantizer {self.name!r} during calibration. Check the "
                 "calibration images (normalized, finite) and that the float model itself produces finite outputs."
             )
-        rows = x.reshape(-1, x.shape[-1]) if self.per_channel else x.reshape(1, -1)
-        low, high = (rows.amin(dim=0), rows.amax(dim=0)) if self.per_channel else (x.min().reshape(1), x.max().reshape(1))
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
         if self.keep_samples:
-            self._samples.append(self._subsample(x.cpu()))
+            self._samples.append(self._subsample(x).cpu())
 
     def _subsample(self, x: torch.Tensor) -> torch.Tensor:
+        # Random indices with replacement: O(quota) work instead of a permutation of the whole tensor.
         if self.per_channel:
             rows = x.reshape(-1, x.shape[-1])
             quota = max(1, self._quota // rows.shape[1])
             if rows.shape[0] <= quota:
                 return rows.clone()
-            return rows[torch.randperm(rows.shape[0], generator=self._generator)[:quota]]
+            return rows[torch.randint(rows.shape[0], (quota,), generator=self._generator)]
         flat = x.reshape(-1)
         if flat.numel() <= self._quota:
             return flat.clone()
-        return flat[torch.randperm(flat.numel(), generator=self._generator)[: self._quota]]
+        return flat[torch.randint(flat.numel(), (self._quota,), generator=self._generator)]
 
     def _check_observed(self) -> None:
         if self.low is None:
