@@ -10,6 +10,7 @@ import time
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
 from .configuration import LRPQConfig
 from .models import ModelLayout
@@ -17,6 +18,8 @@ from .nn import LogQuantizer, PackedWeightLayer, QuantLayerNorm, UniformQuantize
 from .observers import ActivationObserver
 from .quantization.clipping import clip_channel_scales
 from .quantization.reparameterization import reparameterize
+
+logger = logging.get_logger(__name__)
 
 
 def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int) -> list[ActivationObserver]:
@@ -84,6 +87,12 @@ def set_layernorm_grids(model: nn.Module, layout: ModelLayout, config: LRPQConfi
 def finalize_activation_grids(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, UniformQuantizer) and module.observer is not None:
+            observer = module.observer
+            if not observer.per_channel and bool((observer.high - observer.low).abs().max() == 0):
+                logger.warning(
+                    f"{observer.name} saw a constant input ({observer.low.item():g}) during calibration, so its grid "
+                    "only represents that value. Calibrate on more varied images if this layer matters."
+                )
             scale, zero_point = module.observer.uniform_grid(module.bits)
             module.set_grid(scale, zero_point)
             module.observer = None
