@@ -21,6 +21,9 @@ from .nn import ATTENTION_KEY
 
 logger = logging.get_logger(__name__)
 
+# Hub tags of every lrpq model (model card front matter).
+MODEL_TAGS = ("lrpq", "quantization", "vision")
+
 
 class LRPQHfQuantizer(HfQuantizer):
     # False so that `from_pretrained(float_model, quantization_config=LRPQConfig(calibration_dataset=...))` is allowed.
@@ -65,6 +68,8 @@ class LRPQHfQuantizer(HfQuantizer):
             quantize_at_load_time(model, self.quantization_config)
         if model.config._attn_implementation != ATTENTION_KEY:
             model.set_attn_implementation(ATTENTION_KEY)
+        # `model.push_to_hub()` puts these tags into the model card it writes (transformers' public tag hook).
+        model.add_model_tags(list(MODEL_TAGS))
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

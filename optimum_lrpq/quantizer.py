@@ -19,10 +19,11 @@ from .calibration import calibrate
 from .configuration import LRPQConfig
 from .conversion import convert_model, plan_layer_bits, restore_model
 from .data import CalibrationSet, prepare_calibration_data
-from .hf_quantizer import LRPQHfQuantizer
+from .hf_quantizer import MODEL_TAGS, LRPQHfQuantizer
 from .mixed_precision import choose_layer_bits
 from .models import get_adapter
 from .nn import ATTENTION_KEY, PackedWeightLayer
+from .output_dir import staged_output
 from .relevance import compute_relevance
 
 logger = logging.get_logger(__name__)
@@ -129,11 +130,16 @@ class LRPQuantizer:
         self.timings["allocation"] = time.perf_counter() - start
         return bits
 
-    def save(self, model: nn.Module, save_dir: str | os.PathLike, **kwargs: Any) -> None:
-        """Save the quantized model (safetensors + config with `quantization_config`)."""
+    def save(self, model: nn.Module, save_dir: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
+        """Save the quantized model (safetensors + config with `quantization_config`) atomically.
+
+        Everything is written to a temporary sibling directory that is renamed to `save_dir` only once complete,
+        so an interrupted save never leaves a partial model behind. `kwargs` go to `save_pretrained`.
+        """
         if not getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None) != "lrpq":
             raise ValueError("This model is not quantized with lrpq; call quantize_model first.")
-        model.save_pretrained(save_dir, **kwargs)
+        with staged_output(save_dir, overwrite) as staging:
+            model.save_pretrained(staging, **kwargs)
 
 
 def _mark_quantized(model: nn.Module, config: LRPQConfig) -> None:
@@ -142,6 +148,7 @@ def _mark_quantized(model: nn.Module, config: LRPQConfig) -> None:
     model.hf_quantizer = LRPQHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = config.quant_method
+    model.add_model_tags(list(MODEL_TAGS))  # model.push_to_hub() writes them into the card's front matter
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "_is_quantized"):
             module.config._is_quantized = True

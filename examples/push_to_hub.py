@@ -1,0 +1,80 @@
+"""Quantize a model and publish it on the Hugging Face Hub with its model card and bits plot.
+
+    hf auth login
+    python examples/push_to_hub.py --model facebook/deit-small-patch16-224 --dataset imagenet-1k \\
+        --repo-id me/deit-small-lrpq-w4a4 --mixed-precision
+
+The folder uploaded holds the quantized weights and config, the image processor, `README.md` (model card: base
+model, method, budget, per-layer bits and relevance, loading code) and `lrpq_bits.png`. It is uploaded in one
+commit with `huggingface_hub`, because `model.push_to_hub()` writes its own README.md (the repo's existing card or
+a generic template). Alternative: push the card first (`huggingface_hub.ModelCard(text).push_to_hub(repo_id)`);
+a later `model.push_to_hub(repo_id)` keeps a card that is already in the repo.
+
+Anyone can then load it with:
+
+    import optimum_lrpq
+    from transformers import AutoModelForImageClassification
+    model = AutoModelForImageClassification.from_pretrained("me/deit-small-lrpq-w4a4")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+
+import datasets
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from optimum_lrpq import LRPQConfig, LRPQuantizer
+from optimum_lrpq.model_card import PLOT_NAME, upload_model_folder, write_model_card
+from optimum_lrpq.visualization import plot_bits_and_relevance
+
+
+def load_calibration(name_or_path: str, split: str, count: int):
+    if os.path.isdir(name_or_path):
+        if os.path.exists(os.path.join(name_or_path, "dataset_dict.json")):
+            dataset = datasets.load_from_disk(name_or_path)[split]
+        else:
+            dataset = datasets.load_dataset("imagefolder", data_dir=name_or_path, split=split)
+    else:  # streamed: only `count` images are downloaded
+        dataset = datasets.load_dataset(name_or_path, split=split, streaming=True)
+    return dataset.take(count)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="float model: Hub id or local directory")
+    parser.add_argument("--dataset", required=True, help="calibration data: Hub name, image folder or save_to_disk dir")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--image-column", default=None)
+    parser.add_argument("--num-calibration", type=int, default=32)
+    parser.add_argument("--weight-bits", type=int, default=4)
+    parser.add_argument("--activation-bits", type=int, default=4)
+    parser.add_argument("--mixed-precision", action="store_true")
+    parser.add_argument("--repo-id", required=True, help="e.g. me/deit-small-lrpq-w4a4")
+    parser.add_argument("--private", action="store_true")
+    args = parser.parse_args(argv)
+
+    processor = AutoImageProcessor.from_pretrained(args.model)
+    model = AutoModelForImageClassification.from_pretrained(args.model)
+    config = LRPQConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits,
+                        mixed_precision=args.mixed_precision, num_calibration_samples=args.num_calibration)
+    calibration = load_calibration(args.dataset, args.split, args.num_calibration)
+    qmodel = LRPQuantizer(config).quantize_model(model, calibration, image_processor=processor,
+                                                 image_column=args.image_column)
+
+    with tempfile.TemporaryDirectory() as folder:
+        qmodel.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        qc = qmodel.config.quantization_config
+        plot_bits_and_relevance(qc.layer_bits, qc.relevance, os.path.join(folder, PLOT_NAME),
+                                order=[name for name, _ in qmodel.named_modules()])
+        write_model_card(qmodel, folder, base_model=args.model, repo_id=args.repo_id,
+                         calibration=f"{args.dataset} ({args.split})")
+        url = upload_model_folder(folder, args.repo_id, private=args.private or None)
+    print(f"pushed: {url}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""Model card (README.md) for an lrpq-quantized model: what was quantized, how, to which bits, how well, how to load.
+
+    from optimum_lrpq.model_card import write_model_card
+    qmodel.save_pretrained("vit-lrpq")
+    write_model_card(qmodel, "vit-lrpq", base_model="google/vit-base-patch16-224", accuracy=0.803)
+
+Pushing: `model.push_to_hub(repo_id)` writes its own README.md (the card already in the repo, or transformers'
+generic template) over anything `save_pretrained` produced, so the card has to reach the repo another way. Either
+upload the written folder (`huggingface_hub.HfApi().upload_folder(folder_path="vit-lrpq", repo_id=...)`, what the
+CLI and `examples/push_to_hub.py` do), or push the card first (`ModelCard(text).push_to_hub(repo_id)`): a later
+`model.push_to_hub(repo_id)` loads the card from the repo and keeps it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import __version__
+from .hf_quantizer import MODEL_TAGS
+from .visualization import ordered_layer_names, weight_layer_names
+
+CARD_NAME = "README.md"
+PLOT_NAME = "lrpq_bits.png"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def is_hub_id(name: Any) -> bool:
+    """True for names like 'facebook/deit-small-patch16-224' that are not a local path."""
+    return (
+        isinstance(name, str) and _HUB_ID.fullmatch(name) is not None and not name.endswith((".", "-"))
+        and ".." not in name and not os.path.exists(name)
+    )
+
+
+def _quantization_config(model):
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if config is None or getattr(config, "quant_method", None) != "lrpq" or not getattr(config, "layer_bits", None):
+        raise ValueError("This model is not quantized with lrpq; run LRPQuantizer.quantize_model first.")
+    return config
+
+
+@torch.no_grad()
+def bits_summary(model) -> dict[str, float]:
+    """Average bits of a quantized model, as the mixed-precision budgets count them.
+
+    `weight_bits`: parameter-weighted over the quantized weight layers; `activation_bits`: weighted by each layer's
+    multiply-accumulates (one forward pass on a blank image). The patch embedding (8-bit image input by design) is
+    left out of both, like in the budgets; `quantized_weights` is the number of quantized weight parameters.
+    """
+    from .mixed_precision import layer_macs
+    from .models import get_adapter
+
+    config = _quantization_config(model)
+    layer_bits = config.layer_bits
+    patch_embedding = get_adapter(model).layout(model).patch_embedding
+    names = [n for n in weight_layer_names(layer_bits) if n != patch_embedding]
+    sizes = {n: _numel(model.get_submodule(n)) for n in names}
+    channels = getattr(model.config, "num_channels", 3)
+    size = getattr(model.config, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    param = next(model.parameters())
+    example = torch.zeros(1, channels, height, width, dtype=param.dtype, device=param.device)
+    macs = layer_macs(model, names, example)
+    total_size, total_macs = sum(sizes.values()), sum(macs.values())
+    return {
+        "weight_bits": sum(layer_bits[n]["weight"] * sizes[n] for n in names) / total_size,
+        "activation_bits": sum(layer_bits[n]["activation"] * macs[n] for n in names) / total_macs,
+        "quantized_weights": total_size,
+    }
+
+
+def _numel(module) -> int:
+    shape = getattr(module, "weight_shape", None)
+    if shape is None:
+        return module.weight.numel()
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _accuracy_section(accuracy: Any) -> list[str]:
+    if accuracy is None:
+        return []
+    lines = ["## Accuracy", ""]
+    if isinstance(accuracy, Mapping):
+        where = accuracy.get("dataset")
+        if where:
+            count = f"{accuracy['num_images']} images of " if accuracy.get("num_images") else ""
+            split = f" ({accuracy['split']} split)" if accuracy.get("split") else ""
+            lines += [f"Top-1 accuracy measured on {count}{where}{split}.", ""]
+        lines += ["| model | top-1 accuracy |", "|---|---|"]
+        if accuracy.get("float") is not None:
+            lines.append(f"| float (base model) | {_percent(accuracy['float'])} |")
+        if accuracy.get("quantized") is not None:
+            lines.append(f"| **this model** | **{_percent(accuracy['quantized'])}** |")
+        if accuracy.get("float") is not None and accuracy.get("quantized") is not None:
+            lines.append(f"| drop | {100 * (accuracy['float'] - accuracy['quantized']):.2f} points |")
+    else:
+        lines.append(f"Top-1 accuracy: **{_percent(float(accuracy))}**.")
+    return lines + [""]
+
+
+def render_model_card(
+    model,
+    base_model: str | None = None,
+    accuracy: float | Mapping[str, Any] | None = None,
+    *,
+    repo_id: str | None = None,
+    calibration: str | None = None,
+    plot: str | None = None,
+) -> str:
+    """The model card text; see `write_model_card`."""
+    config = _quantization_config(model)
+    layer_bits, relevance = config.layer_bits, config.relevance or {}
+    if base_model is None:
+        base_model = getattr(model.config, "_name_or_path", None) or None
+    summary = bits_summary(model)
+    architecture = type(model).__name__
+    mode = "mixed precision" if config.mixed_precision else "uniform"
+    title = f"{repo_id.split('/')[-1] if repo_id else architecture} (LRP-QViT W{config.weight_bits}/A{config.activation_bits}, {mode})"
+
+    front = ["---", "library_name: transformers", "tags:"] + [f"- {tag}" for tag in MODEL_TAGS]
+    front.append("pipeline_tag: image-classification")
+    if is_hub_id(base_model):
+        front += [f"base_model: {base_model}", "base_model_relation: quantized"]
+    front.append("---")
+
+    base_text = (
+        f"[{base_model}](https://huggingface.co/{base_model})" if is_hub_id(base_model)
+        else f"`{base_model}`" if base_model else "unknown"
+    )
+    budget = (
+        f"average of **{config.weight_bits} bits** per weight (parameter-weighted) and **{config.activation_bits} "
+        f"bits** per activation (MAC-weighted), distributed over the layers by LRP relevance"
+        if config.mixed_precision
+        else f"**{config.weight_bits}-bit** weights and **{config.activation_bits}-bit** activations in every layer"
+    )
+    lines = front + [
+        "",
+        f"# {title}",
+        "",
+        (f"Post-training quantization of {base_text} ({architecture}) with optimum-lrpq, an implementation of "
+         "[LRP-QViT](https://arxiv.org/abs/2401.11243): Layer-wise Relevance Propagation measures how much each layer "
+         "contributes to the prediction, and the most relevant layers get more bits."),
+        "",
+        "## Quantization",
+        "",
+        f"- Base model: {base_text}",
+        (f"- Method: LRP-QViT ({mode}), RepQ-ViT-style calibration: per-output-channel weights, post-LayerNorm "
+         f"activations reparameterized into a per-tensor quantizer, `{config.softmax_quantizer}` quantizer for "
+         "attention probabilities; LayerNorm, softmax, GELU and residual adds stay in floating point"),
+        f"- Budget: {budget}",
+        (f"- Achieved: {summary['weight_bits']:.2f} average weight bits, {summary['activation_bits']:.2f} average "
+         f"activation bits (patch embedding excluded: {config.patch_embedding_input_bits}-bit image input)"),
+        f"- Calibration: the first {config.num_calibration_samples} images"
+        + (f" of {calibration}" if calibration else ""),
+        (f"- Weights are stored as packed integer codes (safetensors); optimum-lrpq {config.lrpq_version}, "
+         f"format version {config.format_version}"),
+        "",
+    ]
+    lines += _accuracy_section(accuracy)
+    lines += [
+        "## Usage",
+        "",
+        "```bash",
+        "pip install optimum-lrpq",
+        "```",
+        "",
+        "```python",
+        "import optimum_lrpq  # registers the lrpq quantization method with transformers",
+        "from transformers import AutoImageProcessor, AutoModelForImageClassification",
+        "",
+        f'model = AutoModelForImageClassification.from_pretrained("{repo_id or "path/to/this/folder"}")',
+        f'processor = AutoImageProcessor.from_pretrained("{repo_id or "path/to/this/folder"}")',
+        'inputs = processor(images=image.convert("RGB"), return_tensors="pt")',
+        "predicted = model(**inputs).logits.argmax(-1).item()",
+        "print(model.config.id2label[predicted])",
+        "```",
+        "",
+        "## Bits per layer",
+        "",
+    ]
+    if plot:
+        lines += [f"![relevance and bits per layer]({plot})", ""]
+    order = [name for name, _ in model.named_modules()]
+    names = weight_layer_names(layer_bits, order)
+    header = "| layer | weight bits | input activation bits |" + (" LRP relevance |" if relevance else "")
+    lines += [header, "|---|---|---|" + ("---|" if relevance else "")]
+    for name in names:
+        entry = layer_bits[name]
+        row = f"| `{name}` | {entry['weight']} | {entry.get('activation', '')} |"
+        if relevance:
+            row += f" {relevance.get(name, 0.0):.4f} |"
+        lines.append(row)
+    shared = ordered_layer_names((n for n, entry in layer_bits.items() if "weight" not in entry), order)
+    if shared:
+        lines += [
+            "",
+            ("Activation quantizers shared by several layers (LayerNorm outputs read by q/k/v or fc1; attention "
+             "operands q, k, v and probabilities):"),
+            "",
+            "| module | activation bits |",
+            "|---|---|",
+        ] + [f"| `{n}` | {layer_bits[n]['activation']} |" for n in shared]
+    lines += ["", f"*Card written by optimum-lrpq {__version__}.*", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    model,
+    directory: str | os.PathLike,
+    base_model: str | None = None,
+    accuracy: float | Mapping[str, Any] | None = None,
+    *,
+    repo_id: str | None = None,
+    calibration: str | None = None,
+) -> str:
+    """Write `README.md` for a quantized model into `directory`; return its path.
+
+    Args:
+        model: the lrpq-quantized model (its `quantization_config` holds the bits and relevance).
+        directory: the folder the model was (or will be) saved to.
+        base_model: the float model's Hub id or path (default: the model's `name_or_path`); a Hub id also goes
+            into the YAML front matter (`base_model`, `base_model_relation: quantized`).
+        accuracy: measured top-1 accuracy of the quantized model (a fraction), or a mapping with "quantized" and
+            optionally "float", "dataset", "split", "num_images".
+        repo_id: the Hub repo the card is for; used in the loading snippet (default: a placeholder path).
+        calibration: the calibration data, e.g. "imagenet-1k (train)" (the card says "the first N images of ...").
+    """
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    plot = PLOT_NAME if os.path.exists(os.path.join(directory, PLOT_NAME)) else None
+    text = render_model_card(model, base_model, accuracy, repo_id=repo_id, calibration=calibration, plot=plot)
+    path = os.path.join(directory, CARD_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path
+
+
+def upload_model_folder(
+    directory: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload LRP-QViT quantized model",
+) -> str:
+    """Upload a saved quantized model folder (weights, config, processor, README.md card, plot) in one commit.
+
+    Unlike `model.push_to_hub`, this keeps the card written by `write_model_card`. Returns the commit URL.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    info = api.upload_folder(folder_path=os.fspath(directory), repo_id=repo_id, commit_message=commit_message)
+    return info.commit_url
