@@ -130,16 +130,20 @@ class LRPQuantizer:
         self.timings["allocation"] = time.perf_counter() - start
         return bits
 
-    def save(self, model: nn.Module, save_dir: str | os.PathLike, overwrite: bool = False, **kwargs: Any) -> None:
-        """Save the quantized model (safetensors + config with `quantization_config`) atomically.
+    def save(self, model: nn.Module, save_dir: str | os.PathLike, overwrite: bool = False,
+             base_model: str | None = None, **kwargs: Any) -> None:
+        """Save the quantized model (safetensors, config, README.md model card) atomically.
 
         Everything is written to a temporary sibling directory that is renamed to `save_dir` only once complete,
         so an interrupted save never leaves a partial model behind. `kwargs` go to `save_pretrained`.
         """
+        from .model_card import write_model_card
+
         if not getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None) != "lrpq":
             raise ValueError("This model is not quantized with lrpq; call quantize_model first.")
         with staged_output(save_dir, overwrite) as staging:
             model.save_pretrained(staging, **kwargs)
+            write_model_card(model, staging, base_model=base_model)
 
 
 def _mark_quantized(model: nn.Module, config: LRPQConfig) -> None:

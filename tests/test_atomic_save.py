@@ -22,6 +22,8 @@ def test_save_then_load(quantized, tmp_path):
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path / "out", disable_mmap=True).eval()
     assert torch.equal(logits(loaded, pixels(2)), logits(model, pixels(2)))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging directory left behind
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "import optimum_lrpq" in card and "lrpq" in card
 
 
 def test_existing_directory_needs_overwrite(quantized, tmp_path):
