@@ -12,6 +12,9 @@ from transformers import (
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
     SwinConfig,
     SwinForImageClassification,
     ViTConfig,
@@ -19,8 +22,10 @@ from transformers import (
 )
 from transformers.models.vit.modeling_vit import eager_attention_forward
 
+from optimum_lrpq.models import get_adapter, supported_models
 from optimum_lrpq.relevance import (
     ATTENTION_KEY,
+    SUPPORTED_MODELS,
     compute_relevance,
     quantizable_layers,
     relevance_trace,
@@ -35,7 +40,7 @@ def tensor_close(actual, expected, tol=1e-6):
     torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=tol, atol=tol)
 
 
-MODEL_NAMES = ("vit", "deit", "deit_teacher", "swin")
+MODEL_NAMES = ("vit", "deit", "deit_teacher", "swin", "dinov2")
 VIT_LIKE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 64, "num_labels": 5}
 
@@ -47,6 +52,8 @@ def build(name: str, seed: int = 0) -> nn.Module:
                                                      num_heads=[2, 4], window_size=4, num_labels=5)).eval()
     if name == "vit":
         return ViTForImageClassification(ViTConfig(**VIT_LIKE)).eval()
+    if name == "dinov2":
+        return Dinov2ForImageClassification(Dinov2Config(**VIT_LIKE)).eval()
     cls = DeiTForImageClassificationWithTeacher if name == "deit_teacher" else DeiTForImageClassification
     return cls(DeiTConfig(**VIT_LIKE)).eval()
 
@@ -57,13 +64,16 @@ def pixels(n: int, seed: int = 1) -> torch.Tensor:
 
 def realistic(name: str, seed: int = 0) -> nn.Module:
     """A tiny model whose class/distillation tokens and position embeddings are not zero (HF initialises some of
-    them to zero; a zero token has a zero LayerNorm output, where alpha1-beta0 legitimately loses relevance)."""
+    them to zero; a zero token has a zero LayerNorm output, where alpha1-beta0 legitimately loses relevance), and
+    whose DINOv2 LayerScales are not all 1 (so that a wrong rule through them would show)."""
     model = build(name, seed)
     generator = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for pname, param in model.named_parameters():
             if pname.endswith(("cls_token", "distillation_token", "position_embeddings")):
                 param.copy_(0.5 * torch.randn(param.shape, generator=generator))
+            if pname.endswith("lambda1"):  # LayerScale
+                param.copy_(0.05 + 2 * torch.rand(param.shape, generator=generator))
     return model
 
 
@@ -83,6 +93,29 @@ def test_linear_alpha1beta0_by_hand():
     # Per-weight relevance sums to the input relevance column-wise, and to R_out row-wise.
     per_weight = R.linear_alpha1beta0_weights(x[None], w, r[None])
     tensor_close(per_weight, [[1 / 5, 2 / 5, 2 / 5], [2 * 2 / 8, 0.0, 2 * 6 / 8]])
+
+
+def test_linear_alpha1beta0_from_the_forward_output_equals_the_two_matmul_form():
+    # With the layer's output known, x+ w+ + x- w- = (x w + |x| |w|) / 2 needs one matmul: same relevance.
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 7, 16), torch.randn(24, 16), torch.randn(24)
+    out, rel = nn.functional.linear(x, w, b), torch.rand(2, 7, 24)
+    tensor_close(R.linear_alpha1beta0(x, w, rel, out, b), R.linear_alpha1beta0(x, w, rel), tol=1e-5)
+    tensor_close(R.linear_alpha1beta0_weights(x, w, rel, out, b), R.linear_alpha1beta0_weights(x, w, rel), tol=1e-5)
+    tensor_close(R.linear_alpha1beta0(x, w, rel).sum(), rel.sum(), tol=1e-4)  # conservative
+    # An output whose positive part is tiny next to |x w| (one small positive weight among negative ones): the
+    # one-matmul form would lose it to rounding, so the exact form is used; same relevance.
+    xp, wt = x.abs(), torch.cat([-w[:1].abs(), w[1:]])
+    wt[0, 0] = 1e-4
+    out = nn.functional.linear(xp, wt, b)
+    tensor_close(R.linear_alpha1beta0(xp, wt, rel, out, b), R.linear_alpha1beta0(xp, wt, rel), tol=1e-5)
+    tensor_close(R.linear_alpha1beta0(xp, wt, rel, out, b).sum(), rel.sum(), tol=1e-4)
+    # An output without any positive contribution (x >= 0, its weights <= 0) passes nothing on, in both forms.
+    x, w = x.abs(), torch.cat([-w[:1].abs(), w[1:]])
+    out = nn.functional.linear(x, w, b)
+    for r_in in (R.linear_alpha1beta0(x, w, rel, out, b), R.linear_alpha1beta0(x, w, rel)):
+        assert torch.isfinite(r_in).all()
+        tensor_close(r_in.sum(), rel[..., 1:].sum(), tol=1e-4)
 
 
 def test_linear_epsilon_by_hand_includes_the_bias():
@@ -119,6 +152,21 @@ def test_conv_weight_relevance_sums_to_input_relevance():
     ]:
         tensor_close(per_weight.sum(), rel_in.sum(), tol=1e-4)
     tensor_close(R.conv2d_zb(x, w, rel, geometry).sum(), rel.sum(), tol=1e-4)  # z^B is conservative
+
+
+@pytest.mark.parametrize(("shape", "kernel", "stride", "padding"),
+                         [((2, 3, 16, 16), 4, 4, 0), ((2, 3, 18, 17), 4, 4, 0), ((2, 3, 9, 9), 3, 2, 1)])
+def test_conv_transposes_match_the_generic_convolution_backward(shape, kernel, stride, padding):
+    # Patch embeddings (stride = kernel, no padding) take a matmul path; any border the patches miss gets 0.
+    torch.manual_seed(0)
+    x, w = torch.randn(shape), torch.randn(5, shape[1], kernel, kernel)
+    geometry = R.ConvGeometry(stride=(stride, stride), padding=(padding, padding))
+    s = torch.randn_like(geometry.forward(x, w))
+    assert geometry.is_patchify(w.shape) == (stride == kernel and padding == 0)
+    tensor_close(geometry.backward_input(x.shape, w, s),
+                 torch.nn.grad.conv2d_input(x.shape, w, s, (stride, stride), (padding, padding)), tol=1e-4)
+    tensor_close(geometry.backward_weight(x, w.shape, s),
+                 torch.nn.grad.conv2d_weight(x, w.shape, s, (stride, stride), (padding, padding)), tol=1e-4)
 
 
 def test_matmul_half_split_by_hand():
@@ -200,6 +248,21 @@ def test_conservation_per_block_and_at_the_encoder_input(name):
     assert all(torch.isfinite(v).all() for v in trace.branch.values())
 
 
+@pytest.mark.parametrize("half", ["cls", "mean"])
+def test_dinov2_relevance_reaches_the_encoder_through_both_halves_of_the_head_input(half):
+    # The head reads concat(CLS token, mean of the patch tokens). With the other half's weights zeroed, all the
+    # relevance has to flow (by autograd: slicing, mean, cat) through this half, and is still conserved.
+    model = realistic("dinov2")
+    hidden = model.config.hidden_size
+    other_half = slice(hidden, None) if half == "cls" else slice(0, hidden)
+    with torch.no_grad():
+        model.classifier.weight[:, other_half] = 0.0
+    trace = relevance_trace(model, [pixels(3)])
+    last = trace.blocks[-1]
+    tensor_close(trace.block_out[last], trace.start, tol=1e-4)
+    tensor_close(trace.block_in[trace.blocks[0]], trace.start, tol=1e-4)
+
+
 def test_lost_relevance_is_reported(caplog):
     # HF initialises DeiT's class and distillation tokens to zero: their LayerNorm output is zero, where
     # alpha1-beta0 has nothing to distribute relevance over.
@@ -226,8 +289,12 @@ def test_scores_cover_every_quantizable_layer(name):
     model = realistic(name)
     for score, rule in [("linear_abs", "chefer"), ("branch", "chefer"), ("weight", "epsilon")]:
         scores = compute_relevance(model, [pixels(3)], score=score, rule=rule)
-        expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-        assert list(scores) == expected == quantizable_layers(model)
+        # Exactly the adapter layout's quantizable weight layers, in named_modules() order.
+        weight_layers = get_adapter(model).layout(model).weight_layers()
+        assert set(scores) == set(weight_layers) and len(scores) == len(weight_layers)
+        assert list(scores) == [n for n, _ in model.named_modules() if n in scores] == quantizable_layers(model)
+        # Here that is every Linear and Conv2d of the model.
+        assert list(scores) == [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
         assert all(v >= 0 for v in scores.values())
         assert sum(scores.values()) == pytest.approx(1.0, abs=1e-9)
     if name == "deit_teacher":
@@ -249,7 +316,8 @@ def test_deterministic():
 
 
 @pytest.mark.parametrize(("name", "score"), [("vit", "linear_abs"), ("swin", "linear_abs"),
-                                             ("deit_teacher", "branch"), ("swin", "weight")])
+                                             ("deit_teacher", "branch"), ("swin", "weight"),
+                                             ("dinov2", "linear_abs"), ("dinov2", "weight")])
 def test_batching_does_not_change_the_result(name, score):
     model, x = realistic(name), pixels(4)
     together = compute_relevance(model, [x], score=score)
@@ -326,6 +394,24 @@ def test_bad_batches(batches, error, message):
     with pytest.raises(error, match=message):
         compute_relevance(model, batches)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_supported_models_come_from_the_adapter_registry():
+    assert SUPPORTED_MODELS == tuple(supported_models(with_head=True))
+    assert "Dinov2ForImageClassification" in SUPPORTED_MODELS
+    assert "Dinov2Model" in supported_models() and "Dinov2Model" not in SUPPORTED_MODELS
+
+
+def test_a_backbone_without_head_is_refused_clearly():
+    config = Dinov2Config(**{k: v for k, v in VIT_LIKE.items() if k != "num_labels"})
+    with pytest.raises(ValueError, match="needs a classification head.*Dinov2Model"):
+        compute_relevance(Dinov2Model(config).eval(), [pixels(1)])
+
+
+def test_a_head_without_labels_is_refused_clearly():
+    model = ViTForImageClassification(ViTConfig(**{**VIT_LIKE, "num_labels": 0})).eval()
+    with pytest.raises(ValueError, match="needs a Linear classification head"):
+        compute_relevance(model, [pixels(1)])
 
 
 def test_unsupported_model_lists_the_supported_ones():

@@ -25,7 +25,8 @@ ACTIVE_RULES: ContextVar[RuleSet | None] = ContextVar("lrpq_relevance_rules", de
 
 def _eager(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
            scaling: float, dropout: float) -> tuple[Tensor, Tensor]:
-    """transformers' ``eager_attention_forward`` (identical in ViT, DeiT and Swin), before the final transpose."""
+    """transformers' ``eager_attention_forward`` (identical in ViT, DeiT, Swin and DINOv2), before the final
+    transpose."""
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask  # Swin: relative-position bias (+ shift mask)
@@ -60,13 +61,16 @@ def relevance_attention_forward(
     with torch.no_grad():  # the graph is made of relays only
         output, probs = _eager(module, query, key, value, attention_mask, scaling, dropout)
     q, k, v = query.detach(), key.detach(), value.detach()
+    # probs @ v is the output: reused when computed in float32 or better. q @ k^T is recomputed (cheap) rather than
+    # kept: it is as large as the probabilities.
+    product = output if query.dtype in (torch.float32, torch.float64) else None
 
     def scores_rule(relevance: Tensor) -> tuple[Tensor, Tensor]:
         r_q, r_kt = rules.matmul(q.float(), k.float().transpose(-1, -2), relevance.float())
         return r_q.to(q.dtype), r_kt.transpose(-1, -2).to(k.dtype)
 
     def output_rule(relevance: Tensor) -> tuple[Tensor, Tensor]:
-        r_probs, r_v = rules.matmul(probs.float(), v.float(), relevance.float())
+        r_probs, r_v = rules.matmul(probs.float(), v.float(), relevance.float(), product)
         return r_probs.to(probs.dtype), r_v.to(v.dtype)
 
     probs_in_graph = relay(scores_rule, probs, query, key)

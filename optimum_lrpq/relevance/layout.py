@@ -19,12 +19,11 @@ def relevance_layout(model: nn.Module) -> ModelLayout:
     """The adapter layout of a model relevance supports; ``ValueError`` for anything else."""
     name = type(model).__name__
     try:
-        layout = get_adapter(model).layout(model)
-    except ValueError as error:
-        if "does not support" not in str(error):  # the adapter's own complaint about a supported class
-            raise
+        adapter = get_adapter(model)
+    except ValueError:
         raise ValueError(f"compute_relevance does not support {name}; supported models: "
                          f"{', '.join(supported_models(with_head=True))}.") from None
+    layout = adapter.layout(model)  # may refuse a variant of a supported class itself (e.g. DINOv2 with SwiGLU)
     if not layout.heads:
         raise ValueError(
             f"compute_relevance needs a classification head: relevance starts at the logits, and {name} has none. "
@@ -34,7 +33,7 @@ def relevance_layout(model: nn.Module) -> ModelLayout:
     modules = dict(model.named_modules())
     for head in layout.heads:
         if not isinstance(modules[head], nn.Linear):
-            raise ValueError(  # noqa: TRY004
+            raise ValueError(
                 f"compute_relevance needs a Linear classification head, but `{head}` is "
                 f"{type(modules[head]).__name__} (num_labels=0?)."
             )

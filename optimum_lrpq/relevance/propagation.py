@@ -1,19 +1,29 @@
 """One relevance pass over a model: hooks that put relays into the graph, and the per-image bookkeeping.
 
-How each piece is handled (rules in ``rules.py``):
+Where to steer relevance comes from the model's architecture adapter (``optimum_lrpq.models``: ``ModelLayout``
+residual sites, conservation units, heads and their start shares, LayerScales); everything else is found by module
+type. How each piece is handled (rules in ``rules.py``):
 
-* ``nn.Linear`` / ``nn.Conv2d`` / ``nn.LayerNorm`` / activation modules / Swin's ``AdaptiveAvgPool1d``: a forward
-  hook replaces the output by a relay carrying the module's rule.
+* ``nn.Linear`` / ``nn.Conv2d`` / ``nn.LayerNorm`` / activation modules / Swin's ``AdaptiveAvgPool1d`` / the
+  layout's LayerScales (elementwise scales, identity rule): a forward hook replaces the output by a relay carrying
+  the module's rule.
 * attention matmuls and softmax: our registered attention function (``attention.py``).
-* residual adds ``y = skip + branch`` (inside ``ViTLayer.forward`` / ``SwinLayer.forward``, no module): autograd
-  would copy ``R_y`` to both operands. A relay on the branch output (forward hook on the branch's last module)
+* residual adds ``y = skip + branch`` (inside the blocks' forward, no module): autograd would copy ``R_y`` to both
+  operands. A relay on the branch output (forward hook on the branch's last module, ``ResidualSite.end``)
   receives ``R_y``, applies the residual rule and passes the branch share on. The skip edge still delivers the full
-  ``R_y`` to the fork, so a relay on the branch *input* (forward pre-hook on its LayerNorm) adds
-  ``R_skip - R_y`` to what the branch returns to the fork. Autograd runs that relay only after everything
+  ``R_y`` to the fork, so a relay on the branch *input* (forward pre-hook on its LayerNorm, ``ResidualSite.start``)
+  adds ``R_skip - R_y`` to what the branch returns to the fork. Autograd runs that relay only after everything
   downstream of it, the branch-output relay included, so both values are known by then. The fork then holds
   ``R_skip + R_branch_input`` (clone = sum), as the rule asks.
-* blocks (transformer layers, Swin patch merging): identity relays on input and output record the total relevance
-  crossing them, for conservation checks.
+* everything else between modules (reshapes, windows, slicing, ``cat``, DINOv2's mean over the patch tokens before
+  its head) keeps its autograd backward: moves and copies route relevance exactly, and a mean's gradient splits it
+  evenly over the tokens, which is conservative.
+* conservation units (transformer blocks, Swin patch merging): identity relays on input and output record the total
+  relevance crossing them, for conservation checks.
+
+Cost: one forward that keeps the activations the rules need, and one backward. The relays return their value
+without copying it; the Chefer linear rule reuses the forward's output, so it costs three matmuls (a gradient with
+respect to the input alone would cost one): alpha1-beta0 needs both signed propagations and its own denominator.
 
 Relevance is computed per image: no rule reduces over the batch, so batching does not change any result.
 """
@@ -40,6 +50,7 @@ from .rules import RULE_SETS, ConvGeometry, RuleSet
 logger = logging.get_logger(__name__)
 
 _COMPUTE_DTYPE = torch.float32  # rules run in at least fp32 even for half-precision models
+_WEIGHT_CHUNK = 1 << 24  # per-weight relevance: at most this many values ([images, out, in]) at a time
 
 
 def _f(t: Tensor) -> Tensor:
@@ -97,9 +108,18 @@ class _Session:
     heads: list[tuple[Tensor, float]] = field(default_factory=list)
     sites: dict[str, _SiteState] = field(default_factory=dict)
 
-    def per_image(self, t: Tensor) -> Tensor:
+    def _by_image(self, t: Tensor) -> tuple[Tensor, torch.dtype]:
         # Tensors are image-major (Swin's windows of one image are contiguous), so a reshape groups by image.
-        return t.detach().reshape(self.batch_size, -1).to(torch.float64).sum(1)
+        # Sums accumulate in (at least) float32, without a float64 copy of the tensor; the totals are float64.
+        return t.detach().reshape(self.batch_size, -1), torch.float64 if t.dtype == torch.float64 else _COMPUTE_DTYPE
+
+    def per_image(self, t: Tensor) -> Tensor:
+        flat, dtype = self._by_image(t)
+        return flat.sum(1, dtype=dtype).to(torch.float64)
+
+    def per_image_abs(self, t: Tensor) -> Tensor:
+        flat, dtype = self._by_image(t)
+        return torch.linalg.vector_norm(flat, ord=1, dim=1, dtype=dtype).to(torch.float64)
 
     def record(self, kind: str, name: str, values: Tensor) -> None:
         bucket = self.records[kind][name]
@@ -115,21 +135,35 @@ class _Session:
             state.skip = state.r_out = state.r_skip = None
 
     def record_input_relevance(self, name: str, relevance: Tensor) -> None:
-        self.record("abs", name, self.per_image(relevance.abs()))
+        self.record("abs", name, self.per_image_abs(relevance))
         self.record("sum", name, self.per_image(relevance))
 
     # ------------------------------------------------------------------------------------------------- rules
 
-    def linear_rule(self, name: str, x: Tensor, weight: Tensor, output: Tensor, relevance: Tensor) -> tuple[Tensor]:
-        r_in = self.rules.linear(_f(x), _f(weight), _f(output), _f(relevance))
+    def linear_rule(self, name: str, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor,
+                    relevance: Tensor) -> tuple[Tensor]:
+        x32, w32, out32, r32 = _f(x), _f(weight), _f(output), _f(relevance)
+        b32 = None if bias is None else _f(bias)
+        # An output computed in float32 or better can stand in for a matmul of the rule.
+        exact = output.dtype in (torch.float32, torch.float64)
+        r_in = self.rules.linear(x32, w32, b32, out32, r32, exact)
         self.record_input_relevance(name, r_in)
         if self.weight_scores:
-            b = self.batch_size
-            xs, outs = _f(x).reshape(b, -1, x.shape[-1]), _f(output).reshape(b, -1, output.shape[-1])
-            rs = _f(relevance).reshape(b, -1, relevance.shape[-1])
-            values = [self.rules.linear_weights(xs[i], _f(weight), outs[i], rs[i]).abs().sum() for i in range(b)]
-            self.record("weight", name, torch.stack(values).to(torch.float64))
+            self.record("weight", name, self._linear_weight_totals(x32, w32, b32, out32, r32, exact))
         return (r_in.to(x.dtype),)
+
+    def _linear_weight_totals(self, x: Tensor, weight: Tensor, bias: Tensor | None, output: Tensor,
+                              relevance: Tensor, exact: bool) -> Tensor:
+        """Per image: sum |R_ij| of the per-weight relevance, a few images at a time ([images, out, in] each)."""
+        b = self.batch_size
+        xs, outs, rs = (t.reshape(b, -1, t.shape[-1]) for t in (x, output, relevance))
+        step = max(1, _WEIGHT_CHUNK // weight.numel())
+        totals = []
+        for i in range(0, b, step):
+            part = slice(i, i + step)
+            per_weight = self.rules.linear_weights(xs[part], weight, bias, outs[part], rs[part], exact)
+            totals.append(torch.linalg.vector_norm(per_weight.flatten(1), ord=1, dim=1))
+        return torch.cat(totals).to(torch.float64)
 
     def conv_rule(self, name: str, x: Tensor, weight: Tensor, output: Tensor, geometry: ConvGeometry,
                   relevance: Tensor) -> tuple[Tensor]:
@@ -171,7 +205,8 @@ class _Session:
 
 def _linear_hook(session: _Session, name: str, head_share: float | None, module: nn.Linear, args, output):
     x = args[0]
-    rule = functools.partial(session.linear_rule, name, x.detach(), module.weight.detach(), output.detach())
+    bias = None if module.bias is None else module.bias.detach()
+    rule = functools.partial(session.linear_rule, name, x.detach(), module.weight.detach(), bias, output.detach())
     output = relay(rule, output, x)
     if head_share is not None:
         session.heads.append((output, head_share))

@@ -22,8 +22,9 @@ class _Relay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rule: Rule, output: Tensor, *inputs: Tensor) -> Tensor:
         ctx.rule = rule
-        # A copy, so that the relay's output is a fresh tensor owned by this node.
-        return output.clone()
+        # Returned as is: autograd makes it a view owned by this node, without copying the values, and refuses any
+        # in-place change to it (which would also change the tensors the rule captured).
+        return output
 
     @staticmethod
     @once_differentiable
@@ -42,5 +43,5 @@ def relay(rule: Rule, output: Tensor, *inputs: Tensor) -> Tensor:
 
 
 def identity(relevance: Tensor) -> tuple[Tensor]:
-    """The identity rule (LayerNorm, GELU, softmax): relevance passes unchanged."""
+    """The identity rule (LayerNorm, GELU, softmax, LayerScale): relevance passes unchanged."""
     return (relevance,)
