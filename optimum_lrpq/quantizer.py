@@ -145,6 +145,21 @@ class LRPQuantizer:
             model.save_pretrained(staging, **kwargs)
             write_model_card(model, staging, base_model=base_model)
 
+    def push_to_hub(self, model: nn.Module, repo_id: str, *, base_model: str | None = None, token: str | None = None,
+                    private: bool | None = None) -> str:
+        """Upload the quantized model with its model card (README.md) in one commit; returns the commit URL.
+
+        Unlike `model.push_to_hub`, which writes transformers' template card, this keeps the lrpq card.
+        """
+        import tempfile
+
+        from .model_card import upload_model_folder
+
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "model")
+            self.save(model, folder, base_model=base_model)
+            return upload_model_folder(folder, repo_id, token=token, private=private)
+
 
 def _mark_quantized(model: nn.Module, config: LRPQConfig) -> None:
     """Set what `from_pretrained` would have set, so `save_pretrained` / `push_to_hub` treat it as quantized."""

@@ -17,6 +17,8 @@ model = T.build("{name}")
 LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=6)).quantize_model(model, T.pixels(8), show_progress=False)
 info = model.push_to_hub("me/tiny-{name}-lrpq")
 print("COMMIT", info.commit_url)
+url = LRPQuantizer().push_to_hub(model, "me/tiny-{name}-lrpq-card")
+print("CARD COMMIT", url)
 from safetensors.torch import save_file
 save_file({{"logits": T.logits(model, T.pixels(3, seed=9))}}, {out!r})
 """
@@ -45,6 +47,8 @@ def test_push_to_hub_then_load_by_repo_id(hub_server, tmp_path):
     assert f"{hub_server.endpoint}/me/tiny-{name}-lrpq/commit/" in pushed.stdout
     repo = hub_server.root / "me" / f"tiny-{name}-lrpq"
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in repo.iterdir()}
+    card = (hub_server.root / "me" / f"tiny-{name}-lrpq-card" / "README.md").read_text()
+    assert "import optimum_lrpq" in card
     pulled = run_with_hub(hub_server, PULL.format(tests=str(TESTS), name=name, out=out), tmp_path)
     assert "EQUAL OK" in pulled.stdout
     assert not hub_server.unhandled, hub_server.unhandled
