@@ -3,48 +3,24 @@
 from __future__ import annotations
 
 import pytest
-import torch
+import tiny_models
 from torch import nn
-from transformers import (
-    DeiTConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    Dinov2Config,
-    Dinov2ForImageClassification,
-    Dinov2Model,
-    SwinConfig,
-    SwinForImageClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
 
 from optimum_lrpq.models import Block, LayerNormGroup, ModelLayout, get_adapter, supported_models
 
-VIT_LIKE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-            "intermediate_size": 64, "num_labels": 5}
-
-BUILDERS = {
-    "vit": lambda: ViTForImageClassification(ViTConfig(**VIT_LIKE)),
-    "deit": lambda: DeiTForImageClassification(DeiTConfig(**VIT_LIKE)),
-    "deit_teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_LIKE)),
-    "swin": lambda: SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
-                                                          num_heads=[2, 4], window_size=4, num_labels=5)),
-    "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**VIT_LIKE)),
-    "dinov2_backbone": lambda: Dinov2Model(Dinov2Config(**VIT_LIKE)),
-}
+NAMES = (*tiny_models.MODEL_NAMES, "dinov2_backbone")
 
 
 def build(name: str) -> tuple[nn.Module, ModelLayout]:
-    torch.manual_seed(0)
-    model = BUILDERS[name]().eval()
+    model = tiny_models.build(name)
     return model, get_adapter(model).layout(model)
 
 
 def test_every_supported_class_is_covered_here():
-    assert {type(BUILDERS[name]()).__name__ for name in BUILDERS} == set(supported_models())
+    assert {type(tiny_models.build(name)).__name__ for name in NAMES} == set(supported_models())
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", list(NAMES))
 def test_weight_layers_are_the_linears_and_convs(name):
     model, layout = build(name)
     modules = dict(model.named_modules())
@@ -55,7 +31,7 @@ def test_weight_layers_are_the_linears_and_convs(name):
     assert all(isinstance(modules[h], nn.Linear) for h in layout.heads)
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", list(NAMES))
 def test_relevance_facts_name_real_modules(name):
     model, layout = build(name)
     modules = dict(model.named_modules())
@@ -108,6 +84,10 @@ def test_a_layout_built_without_the_relevance_fields_still_works():
 
 
 def test_dinov2_with_swiglu_is_refused_clearly():
-    model = Dinov2ForImageClassification(Dinov2Config(**VIT_LIKE, use_swiglu_ffn=True))
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    model = Dinov2ForImageClassification(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                                      num_attention_heads=4, intermediate_size=64,
+                                                      use_swiglu_ffn=True))
     with pytest.raises(ValueError, match="use_swiglu_ffn"):
         get_adapter(model).layout(model)

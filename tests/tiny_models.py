@@ -9,6 +9,7 @@ from transformers import (
     DeiTForImageClassificationWithTeacher,
     Dinov2Config,
     Dinov2ForImageClassification,
+    Dinov2Model,
     SwinConfig,
     SwinForImageClassification,
     ViTConfig,
@@ -25,7 +26,7 @@ def _vit_like_config(cls):
 
 
 def build(name: str, seed: int = 0) -> torch.nn.Module:
-    """A freshly initialized tiny model in eval mode: 'vit', 'deit', 'deit_teacher' or 'swin'."""
+    """A freshly initialized tiny model in eval mode: one of MODEL_NAMES, or 'dinov2_backbone' (no head)."""
     torch.manual_seed(seed)
     if name == "vit":
         model = ViTForImageClassification(_vit_like_config(ViTConfig))
@@ -37,6 +38,9 @@ def build(name: str, seed: int = 0) -> torch.nn.Module:
         model = Dinov2ForImageClassification(Dinov2Config(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32,
                                                           num_hidden_layers=2, num_attention_heads=4,
                                                           intermediate_size=64, num_labels=NUM_LABELS))
+    elif name == "dinov2_backbone":
+        model = Dinov2Model(Dinov2Config(image_size=IMAGE_SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=4, intermediate_size=64))
     elif name == "swin":
         model = SwinForImageClassification(SwinConfig(image_size=IMAGE_SIZE, patch_size=4, embed_dim=16, depths=[2, 2],
                                                       num_heads=[2, 4], window_size=4, num_labels=NUM_LABELS))
