@@ -102,7 +102,20 @@ ROWS: list[Row] = [
     lrpq(4, 4, **PMSE, quick=True),
     naive(4, 4),
     naive(4, 4, per_channel_weights=True),
-    # Next: lrpq(4, 4, clipping="ccq_a"), lrpq(4, 4, mixed_precision=True), ...
+    # clipped channel-wise quantization of post-LayerNorm activations (the two readings)
+    lrpq(4, 8, clipping="ccq_a"),
+    lrpq(4, 8, clipping="ccq_b"),
+    lrpq(4, 4, clipping="ccq_a"),
+    lrpq(4, 4, clipping="ccq_b"),
+    # mixed precision at the same budgets: LRP vs the baselines
+    lrpq(6, 6, mixed_precision=True),
+    lrpq(6, 6, mixed_precision=True, allocation="random"),
+    lrpq(6, 6, mixed_precision=True, allocation="magnitude"),
+    lrpq(4, 4, mixed_precision=True, quick=True),
+    lrpq(4, 4, mixed_precision=True, allocation="random"),
+    lrpq(4, 4, mixed_precision=True, allocation="magnitude"),
+    lrpq(3, 3, mixed_precision=True),
+    lrpq(3, 3),
 ]
 
 # ------------------------------------------------------------------------------------------------- methods
