@@ -157,3 +157,17 @@ def test_layer_bits_for_another_model_are_refused(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"names layers that ViTForImageClassification does not have.*layers\.7"):
         AutoModelForImageClassification.from_pretrained(tmp_path)
+
+
+def test_quantizing_while_loading_needs_a_dataset(tmp_path):
+    build("vit").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"Quantizing while loading needs calibration images.*calibration_dataset="):
+        AutoModelForImageClassification.from_pretrained(tmp_path, quantization_config=LRPQConfig())
+
+
+def test_quantizer_arguments():
+    with pytest.raises(ValueError, match="either an LRPQConfig or keyword arguments"):
+        LRPQuantizer(LRPQConfig(), weight_bits=4)
+    with pytest.raises(TypeError, match="config must be an LRPQConfig"):
+        LRPQuantizer({"weight_bits": 4})
+    assert LRPQuantizer(weight_bits=6).config.weight_bits == 6
