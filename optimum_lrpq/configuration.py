@@ -200,12 +200,6 @@ class LRPQConfig(QuantizationConfigMixin):
         ):
             raise ValueError("relevance must map layer names to numbers.")
 
-    def bits_of(self, module_name: str, kind: str) -> int:
-        """Bits recorded for `module_name` ('weight' or 'activation'); the uniform setting if not recorded."""
-        if self.layer_bits and module_name in self.layer_bits and kind in self.layer_bits[module_name]:
-            return self.layer_bits[module_name][kind]
-        return self.weight_bits if kind == "weight" else self.activation_bits
-
 
 def _check_layer_bits(layer_bits: Any) -> dict[str, dict[str, int]]:
     if not isinstance(layer_bits, dict):
