@@ -4,19 +4,14 @@
 from __future__ import annotations
 
 import pytest
+import tiny_models
 import torch
 from torch import nn
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
-    DeiTConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
     Dinov2Config,
-    Dinov2ForImageClassification,
     Dinov2Model,
-    SwinConfig,
-    SwinForImageClassification,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -40,26 +35,11 @@ def tensor_close(actual, expected, tol=1e-6):
     torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), rtol=tol, atol=tol)
 
 
-MODEL_NAMES = ("vit", "deit", "deit_teacher", "swin", "dinov2")
+MODEL_NAMES = tiny_models.MODEL_NAMES
 VIT_LIKE = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
             "intermediate_size": 64, "num_labels": 5}
-
-
-def build(name: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    if name == "swin":
-        return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
-                                                     num_heads=[2, 4], window_size=4, num_labels=5)).eval()
-    if name == "vit":
-        return ViTForImageClassification(ViTConfig(**VIT_LIKE)).eval()
-    if name == "dinov2":
-        return Dinov2ForImageClassification(Dinov2Config(**VIT_LIKE)).eval()
-    cls = DeiTForImageClassificationWithTeacher if name == "deit_teacher" else DeiTForImageClassification
-    return cls(DeiTConfig(**VIT_LIKE)).eval()
-
-
-def pixels(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+build = tiny_models.build
+pixels = tiny_models.pixels
 
 
 def realistic(name: str, seed: int = 0) -> nn.Module:
