@@ -81,6 +81,7 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_dataset, calibration_split, calibration_image_column: a dataset given by hub name or local
             path, used when quantizing at load time (`from_pretrained(..., quantization_config=...)`).
         layer_bits, relevance: filled in by the quantizer; saved with the model.
+        base_model: the float model's Hub id or path, recorded by the quantizer for the model card.
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_image_column: str | None = None,
         layer_bits: dict[str, dict[str, int]] | None = None,
         relevance: dict[str, float] | None = None,
+        base_model: str | None = None,
         format_version: int = FORMAT_VERSION,
         lrpq_version: str | None = None,
         **kwargs: Any,
@@ -146,6 +148,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.calibration_image_column = calibration_image_column
         self.layer_bits = layer_bits
         self.relevance = relevance
+        self.base_model = base_model
         self.format_version = format_version
         self.lrpq_version = lrpq_version or __version__
         self.post_init()
@@ -199,6 +202,8 @@ class LRPQConfig(QuantizationConfigMixin):
                        for k, v in self.relevance.items())
         ):
             raise ValueError("relevance must map layer names to numbers.")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ValueError(f"base_model must be a Hub id or path (a string), got {self.base_model!r}.")
 
 
 def _check_layer_bits(layer_bits: Any) -> dict[str, dict[str, int]]:
