@@ -5,10 +5,9 @@
         --repo-id me/deit-small-lrpq-w4a4 --mixed-precision
 
 The folder uploaded holds the quantized weights and config, the image processor, `README.md` (model card: base
-model, method, budget, per-layer bits and relevance, loading code) and `lrpq_bits.png`. It is uploaded in one
-commit with `huggingface_hub`, because `model.push_to_hub()` writes its own README.md (the repo's existing card or
-a generic template). Alternative: push the card first (`huggingface_hub.ModelCard(text).push_to_hub(repo_id)`);
-a later `model.push_to_hub(repo_id)` keeps a card that is already in the repo.
+model, method, budget, per-layer bits and relevance, loading code, and here the measured accuracy) and
+`lrpq_bits.png`, uploaded in one commit. A plain `qmodel.push_to_hub(repo_id)` also uploads the lrpq card (without
+accuracy, plot or processor); this script shows how to publish everything together.
 
 Anyone can then load it with:
 

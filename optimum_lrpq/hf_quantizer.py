@@ -68,8 +68,10 @@ class LRPQHfQuantizer(HfQuantizer):
             quantize_at_load_time(model, self.quantization_config)
         if model.config._attn_implementation != ATTENTION_KEY:
             model.set_attn_implementation(ATTENTION_KEY)
-        # `model.push_to_hub()` puts these tags into the model card it writes (transformers' public tag hook).
         model.add_model_tags(list(MODEL_TAGS))
+        from .serialization import attach_save_methods
+
+        attach_save_methods(model)  # save_pretrained / push_to_hub write the lrpq model card, atomically
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:

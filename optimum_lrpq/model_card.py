@@ -1,14 +1,11 @@
 """Model card (README.md) for an lrpq-quantized model: what was quantized, how, to which bits, how well, how to load.
 
+`qmodel.save_pretrained(dir)` and `qmodel.push_to_hub(repo_id)` write this card automatically (see
+`serialization.py`); call `write_model_card` yourself to add what only you know, such as the measured accuracy:
+
     from optimum_lrpq.model_card import write_model_card
     qmodel.save_pretrained("vit-lrpq")
     write_model_card(qmodel, "vit-lrpq", base_model="google/vit-base-patch16-224", accuracy=0.803)
-
-Pushing: `model.push_to_hub(repo_id)` writes its own README.md (the card already in the repo, or transformers'
-generic template) over anything `save_pretrained` produced, so the card has to reach the repo another way. Either
-upload the written folder (`huggingface_hub.HfApi().upload_folder(folder_path="vit-lrpq", repo_id=...)`, what the
-CLI and `examples/push_to_hub.py` do), or push the card first (`ModelCard(text).push_to_hub(repo_id)`): a later
-`model.push_to_hub(repo_id)` loads the card from the repo and keeps it.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ from .hf_quantizer import MODEL_TAGS
 from .visualization import ordered_layer_names, weight_layer_names
 
 CARD_NAME = "README.md"
+_SIGNATURE = "*Card written by optimum-lrpq"
 PLOT_NAME = "lrpq_bits.png"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -35,6 +33,11 @@ def is_hub_id(name: Any) -> bool:
         isinstance(name, str) and _HUB_ID.fullmatch(name) is not None and not name.endswith((".", "-"))
         and ".." not in name and not os.path.exists(name)
     )
+
+
+def is_lrpq_card(text: str) -> bool:
+    """True if `text` is a model card written by optimum-lrpq (such a card may be rewritten on the next save)."""
+    return _SIGNATURE in text
 
 
 def _quantization_config(model):
@@ -118,18 +121,20 @@ def render_model_card(
     repo_id: str | None = None,
     calibration: str | None = None,
     plot: str | None = None,
+    tags: list[str] | None = None,
 ) -> str:
     """The model card text; see `write_model_card`."""
     config = _quantization_config(model)
     layer_bits, relevance = config.layer_bits, config.relevance or {}
     if base_model is None:
-        base_model = getattr(model.config, "_name_or_path", None) or None
+        base_model = config.base_model or getattr(model.config, "_name_or_path", None) or None
     summary = bits_summary(model)
     architecture = type(model).__name__
     mode = "mixed precision" if config.mixed_precision else "uniform"
     title = f"{repo_id.split('/')[-1] if repo_id else architecture} (LRP-QViT W{config.weight_bits}/A{config.activation_bits}, {mode})"
 
-    front = ["---", "library_name: transformers", "tags:"] + [f"- {tag}" for tag in MODEL_TAGS]
+    all_tags = list(dict.fromkeys([*MODEL_TAGS, *(tags or [])]))
+    front = ["---", "library_name: transformers", "tags:"] + [f"- {tag}" for tag in all_tags]
     front.append("pipeline_tag: image-classification")
     if is_hub_id(base_model):
         front += [f"base_model: {base_model}", "base_model_relation: quantized"]
@@ -212,7 +217,7 @@ def render_model_card(
             "| module | activation bits |",
             "|---|---|",
         ] + [f"| `{n}` | {layer_bits[n]['activation']} |" for n in shared]
-    lines += ["", f"*Card written by optimum-lrpq {__version__}.*", ""]
+    lines += ["", f"{_SIGNATURE} {__version__}.*", ""]
     return "\n".join(lines)
 
 
@@ -224,6 +229,7 @@ def write_model_card(
     *,
     repo_id: str | None = None,
     calibration: str | None = None,
+    tags: list[str] | None = None,
 ) -> str:
     """Write `README.md` for a quantized model into `directory`; return its path.
 
@@ -236,11 +242,13 @@ def write_model_card(
             optionally "float", "dataset", "split", "num_images".
         repo_id: the Hub repo the card is for; used in the loading snippet (default: a placeholder path).
         calibration: the calibration data, e.g. "imagenet-1k (train)" (the card says "the first N images of ...").
+        tags: Hub tags added to the lrpq ones in the front matter.
     """
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     plot = PLOT_NAME if os.path.exists(os.path.join(directory, PLOT_NAME)) else None
-    text = render_model_card(model, base_model, accuracy, repo_id=repo_id, calibration=calibration, plot=plot)
+    text = render_model_card(model, base_model, accuracy, repo_id=repo_id, calibration=calibration, plot=plot,
+                             tags=tags)
     path = os.path.join(directory, CARD_NAME)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
@@ -257,11 +265,8 @@ def upload_model_folder(
 ) -> str:
     """Upload a saved quantized model folder (weights, config, processor, README.md card, plot) in one commit.
 
-    Unlike `model.push_to_hub`, this keeps the card written by `write_model_card`. Returns the commit URL.
+    Unlike transformers' `push_to_hub`, this keeps the card written by `write_model_card`. Returns the commit URL.
     """
-    from huggingface_hub import HfApi
+    from .serialization import upload_folder
 
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    info = api.upload_folder(folder_path=os.fspath(directory), repo_id=repo_id, commit_message=commit_message)
-    return info.commit_url
+    return upload_folder(directory, repo_id, token=token, private=private, commit_message=commit_message).commit_url

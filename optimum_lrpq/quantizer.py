@@ -25,6 +25,7 @@ from .models import get_adapter
 from .nn import ATTENTION_KEY, PackedWeightLayer
 from .output_dir import staged_output
 from .relevance import compute_relevance
+from .serialization import attach_save_methods, save_quantized
 
 logger = logging.get_logger(__name__)
 
@@ -101,6 +102,7 @@ class LRPQuantizer:
             raise
         config.layer_bits = layer_bits
         config.relevance = self.relevance
+        config.base_model = config.base_model or getattr(model.config, "_name_or_path", None) or None
         self.layer_bits = layer_bits
         _mark_quantized(model, config)
         logger.info(f"Quantized {sum(1 for e in layer_bits.values() if 'weight' in e)} weight layers of "
@@ -134,31 +136,31 @@ class LRPQuantizer:
              base_model: str | None = None, **kwargs: Any) -> None:
         """Save the quantized model (safetensors, config, README.md model card) atomically.
 
-        Everything is written to a temporary sibling directory that is renamed to `save_dir` only once complete,
-        so an interrupted save never leaves a partial model behind. `kwargs` go to `save_pretrained`.
+        Unlike `model.save_pretrained`, which merges into an existing directory, this refuses an existing
+        `save_dir` unless `overwrite=True`, and then replaces it entirely. Everything is written to a temporary
+        sibling directory that is renamed to `save_dir` only once complete, so an interrupted save never leaves a
+        partial model behind. `base_model` (the float model's Hub id) is for the card; `kwargs` go to
+        `save_pretrained`.
         """
-        from .model_card import write_model_card
-
-        if not getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None) != "lrpq":
-            raise ValueError("This model is not quantized with lrpq; call quantize_model first.")
+        _check_quantized(model)
         with staged_output(save_dir, overwrite) as staging:
-            model.save_pretrained(staging, **kwargs)
-            write_model_card(model, staging, base_model=base_model)
+            save_quantized(model, staging, base_model=base_model, **kwargs)
 
     def push_to_hub(self, model: nn.Module, repo_id: str, *, base_model: str | None = None, token: str | None = None,
                     private: bool | None = None) -> str:
         """Upload the quantized model with its model card (README.md) in one commit; returns the commit URL.
 
-        Unlike `model.push_to_hub`, which writes transformers' template card, this keeps the lrpq card.
+        The same as `model.push_to_hub(repo_id)`, plus `base_model` for the card.
         """
-        import tempfile
+        from .serialization import push_to_hub
 
-        from .model_card import upload_model_folder
+        _check_quantized(model)
+        return push_to_hub(model, repo_id, token=token, private=private, base_model=base_model).commit_url
 
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = os.path.join(tmp, "model")
-            self.save(model, folder, base_model=base_model)
-            return upload_model_folder(folder, repo_id, token=token, private=private)
+
+def _check_quantized(model: nn.Module) -> None:
+    if not getattr(model, "is_quantized", False) or getattr(model, "quantization_method", None) != "lrpq":
+        raise ValueError("This model is not quantized with lrpq; call quantize_model first.")
 
 
 def _mark_quantized(model: nn.Module, config: LRPQConfig) -> None:
@@ -167,7 +169,8 @@ def _mark_quantized(model: nn.Module, config: LRPQConfig) -> None:
     model.hf_quantizer = LRPQHfQuantizer(config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = config.quant_method
-    model.add_model_tags(list(MODEL_TAGS))  # model.push_to_hub() writes them into the card's front matter
+    model.add_model_tags(list(MODEL_TAGS))
+    attach_save_methods(model)  # save_pretrained / push_to_hub write the lrpq model card, atomically
     for module in model.modules():
         if hasattr(module, "config") and hasattr(module.config, "_is_quantized"):
             module.config._is_quantized = True

@@ -82,3 +82,17 @@ def test_float_model_is_refused(tmp_path):
                                            ("optimum-lrpq demo ViT (MNIST)", False)])
 def test_is_hub_id(name, expected):
     assert is_hub_id(name) is expected
+
+
+def test_base_model_is_recorded_and_survives_reload(tmp_path):
+    model = build("vit")
+    model.config._name_or_path = "google/vit-base-patch16-224"  # what from_pretrained(hub_id) sets
+    qmodel = LRPQuantizer(LRPQConfig(weight_bits=8, activation_bits=8)).quantize_model(model, pixels(4),
+                                                                                        show_progress=False)
+    assert qmodel.config.quantization_config.base_model == "google/vit-base-patch16-224"
+    qmodel.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "saved")
+    assert reloaded.config.quantization_config.base_model == "google/vit-base-patch16-224"
+    reloaded.save_pretrained(tmp_path / "again")  # its name_or_path is now the folder; the card still names the base
+    card = ModelCard.load(tmp_path / "again" / "README.md")
+    assert card.data.base_model == "google/vit-base-patch16-224"
