@@ -14,6 +14,7 @@ from .configuration import LRPQConfig
 from .models import ModelLayout
 from .nn import QuantConv2d, QuantLayerNorm, QuantLinear, add_attention_quantizers
 from .nn.attention import QUANTIZER_NAMES as ATTENTION_QUANTIZER_NAMES
+from .placement import carry_hook
 
 
 def is_excluded(name: str, modules_to_not_convert: list[str] | None) -> bool:
@@ -139,6 +140,7 @@ def _replace_linear(model, name, weight_bits, input_bits, force_bias, skeleton):
                           input_bits, dtype=linear.weight.dtype, device="meta")
     else:
         new = QuantLinear.from_float(linear, weight_bits, input_bits, force_bias=force_bias)
+        carry_hook(original, new)
     model.set_submodule(name, new)
     return original
 
@@ -153,6 +155,7 @@ def _replace_conv(model, name, weight_bits, input_bits, skeleton):
                           dtype=conv.weight.dtype, device="meta")
     else:
         new = QuantConv2d.from_float(conv, weight_bits, input_bits)
+        carry_hook(original, new)
     model.set_submodule(name, new)
     return original
 
@@ -167,5 +170,6 @@ def _replace_layernorm(model, name, out_bits, per_channel, skeleton):
                              device="meta")
     else:
         new = QuantLayerNorm.from_float(layernorm, out_bits, per_channel)
+        carry_hook(original, new)
     model.set_submodule(name, new)
     return original

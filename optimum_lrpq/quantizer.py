@@ -24,6 +24,7 @@ from .mixed_precision import choose_layer_bits
 from .models import get_adapter
 from .nn import ATTENTION_KEY, PackedWeightLayer
 from .output_dir import staged_output
+from .placement import onload
 from .relevance import compute_relevance
 from .serialization import attach_save_methods, save_quantized
 
@@ -86,6 +87,7 @@ class LRPQuantizer:
             batch_size=config.calibration_batch_size, image_processor=image_processor, image_column=image_column,
             fixed_image_size=adapter.fixed_image_size,
         )
+        onload(model)  # accelerate-offloaded weights (device_map with cpu/disk) must be in memory to be rewritten
         was_training = model.training
         model.eval()
         self.timings = {}
