@@ -131,45 +131,46 @@ def _device_of(module: nn.Module):
     return None
 
 
-def _replace_linear(model, name, weight_bits, input_bits, force_bias, skeleton):
-    linear = original = model.get_submodule(name)
-    if not isinstance(linear, nn.Linear):
-        raise TypeError(f"Expected {name} to be nn.Linear, found {type(linear).__name__}.")
+def _swap(model, name, expected: type, build_skeleton, build_quantized, skeleton: bool):
+    """Replace module `name` (an `expected` instance) by its quantized counterpart; return the original."""
+    original = model.get_submodule(name)
+    if not isinstance(original, expected):
+        raise TypeError(f"Expected {name} to be nn.{expected.__name__}, found {type(original).__name__}.")
     if skeleton:
-        new = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None or force_bias, weight_bits,
-                          input_bits, dtype=linear.weight.dtype, device="meta")
+        new = build_skeleton(original)
     else:
-        new = QuantLinear.from_float(linear, weight_bits, input_bits, force_bias=force_bias)
+        new = build_quantized(original)
         carry_hook(original, new)
     model.set_submodule(name, new)
     return original
+
+
+def _replace_linear(model, name, weight_bits, input_bits, force_bias, skeleton):
+    return _swap(
+        model, name, nn.Linear,
+        lambda m: QuantLinear(m.in_features, m.out_features, m.bias is not None or force_bias, weight_bits,
+                              input_bits, dtype=m.weight.dtype, device="meta"),
+        lambda m: QuantLinear.from_float(m, weight_bits, input_bits, force_bias=force_bias),
+        skeleton,
+    )
 
 
 def _replace_conv(model, name, weight_bits, input_bits, skeleton):
-    conv = original = model.get_submodule(name)
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"Expected {name} to be nn.Conv2d, found {type(conv).__name__}.")
-    if skeleton:
-        new = QuantConv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                          conv.dilation, conv.groups, conv.bias is not None, weight_bits, input_bits,
-                          dtype=conv.weight.dtype, device="meta")
-    else:
-        new = QuantConv2d.from_float(conv, weight_bits, input_bits)
-        carry_hook(original, new)
-    model.set_submodule(name, new)
-    return original
+    return _swap(
+        model, name, nn.Conv2d,
+        lambda m: QuantConv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                              m.groups, m.bias is not None, weight_bits, input_bits, dtype=m.weight.dtype,
+                              device="meta"),
+        lambda m: QuantConv2d.from_float(m, weight_bits, input_bits),
+        skeleton,
+    )
 
 
 def _replace_layernorm(model, name, out_bits, per_channel, skeleton):
-    layernorm = original = model.get_submodule(name)
-    if not isinstance(layernorm, nn.LayerNorm):
-        raise TypeError(f"Expected {name} to be nn.LayerNorm, found {type(layernorm).__name__}.")
-    if skeleton:
-        new = QuantLayerNorm(layernorm.normalized_shape, layernorm.eps, layernorm.elementwise_affine,
-                             layernorm.bias is not None, out_bits, per_channel, dtype=layernorm.weight.dtype,
-                             device="meta")
-    else:
-        new = QuantLayerNorm.from_float(layernorm, out_bits, per_channel)
-        carry_hook(original, new)
-    model.set_submodule(name, new)
-    return original
+    return _swap(
+        model, name, nn.LayerNorm,
+        lambda m: QuantLayerNorm(m.normalized_shape, m.eps, m.elementwise_affine, m.bias is not None, out_bits,
+                                 per_channel, dtype=m.weight.dtype, device="meta"),
+        lambda m: QuantLayerNorm.from_float(m, out_bits, per_channel),
+        skeleton,
+    )
