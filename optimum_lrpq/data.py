@@ -32,6 +32,20 @@ class CalibrationSet:
     def num_images(self) -> int:
         return sum(b.shape[0] for b in self.batches)
 
+    def first(self, n: int | None) -> CalibrationSet:
+        """The first `n` images (all of them for None), in the same micro-batches."""
+        if n is None or n >= self.num_images:
+            return self
+        batches, labels, left = [], [] if self.labels is not None else None, n
+        for index, batch in enumerate(self.batches):
+            if left <= 0:
+                break
+            batches.append(batch[:left])
+            if labels is not None:
+                labels.append(self.labels[index][:left])
+            left -= batch.shape[0]
+        return CalibrationSet(batches, labels)
+
 
 def _expected_geometry(model_config, fixed_size: bool = True) -> tuple[int, tuple[int, int] | None]:
     channels = getattr(model_config, "num_channels", 3)

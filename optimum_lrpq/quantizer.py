@@ -123,9 +123,10 @@ class LRPQuantizer:
                     "(images, labels) batches); use relevance_target='predicted' otherwise."
                 )
             start = time.perf_counter()
+            images = calibration.first(config.num_relevance_samples)
             self.relevance = compute_relevance(
-                model, calibration.batches, target=config.relevance_target,
-                labels=calibration.labels if config.relevance_target == "label" else None,
+                model, images.batches, target=config.relevance_target,
+                labels=images.labels if config.relevance_target == "label" else None,
                 score=config.relevance_score, rule=config.relevance_rule, show_progress=show_progress,
             )
             self.timings["relevance"] = time.perf_counter() - start

@@ -111,3 +111,30 @@ def test_label_target_with_labels():
     quantizer = LRPQuantizer(LRPQConfig(mixed_precision=True, relevance_target="label"))
     quantizer.quantize_model(model, batches, show_progress=False)
     assert abs(sum(quantizer.relevance.values()) - 1) < 1e-6
+
+
+def test_relevance_uses_the_first_num_relevance_samples_images():
+    from optimum_lrpq.relevance import compute_relevance
+
+    expected = compute_relevance(build("vit"), [pixels(8)[:3]])
+    _, quantizer, *_ = quantize("vit", num_relevance_samples=3, calibration_batch_size=2)
+    assert quantizer.relevance == pytest.approx(expected, abs=1e-6)
+    _, everything, *_ = quantize("vit", num_relevance_samples=None)
+    assert everything.relevance == pytest.approx(compute_relevance(build("vit"), [pixels(8)]), abs=1e-6)
+
+
+def test_calibration_subset_keeps_batches_and_labels():
+    from optimum_lrpq.data import CalibrationSet
+
+    images = CalibrationSet([torch.zeros(3, 1), torch.ones(3, 1), torch.full((2, 1), 2.0)],
+                            [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7])])
+    subset = images.first(5)
+    assert [b.shape[0] for b in subset.batches] == [3, 2] and subset.num_images == 5
+    assert torch.equal(torch.cat(subset.labels), torch.arange(5))
+    assert images.first(None) is images and images.first(100) is images
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_num_relevance_samples_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError, match="num_relevance_samples"):
+        LRPQConfig(num_relevance_samples=value)
