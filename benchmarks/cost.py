@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--mixed-precision", action="store_true")
     parser.add_argument("--range", choices=["minmax", "percentile_mse"], default="percentile_mse")
+    parser.add_argument("--relevance-samples", type=int, default=LRPQConfig().num_relevance_samples,
+                        help="images of the relevance pass (default: LRPQConfig's)")
     args = parser.parse_args()
     logging.disable_progress_bar()
 
@@ -94,8 +96,10 @@ def main() -> None:
     quantizer = LRPQuantizer(LRPQConfig(
         weight_bits=args.bits, activation_bits=args.bits, mixed_precision=args.mixed_precision,
         weight_range=args.range, activation_range=args.range, num_calibration_samples=args.images,
-        calibration_batch_size=args.batch_size,
+        calibration_batch_size=args.batch_size, num_relevance_samples=args.relevance_samples,
     ))
+    if args.mixed_precision:
+        print(f"relevance on the first {min(args.relevance_samples, args.images)} of the {args.images} images")
     with PeakRSS() as peak:
         start = time.perf_counter()
         quantizer.quantize_model(model, images, show_progress=False)

@@ -1,12 +1,15 @@
-"""Cost of one relevance pass (``compute_relevance``) relative to one float forward pass over the same images.
+"""Cost of the relevance pass relative to one float forward pass over the calibration images.
 
-Times ``compute_relevance(model, [pixel_values])`` and ``model(pixel_values)`` under ``torch.no_grad()`` on the same
-images (median of ``--repeats`` runs each, alternated after one warm-up each so that both see the same machine
-load), and prints both, their ratio and the peak resident memory of the process after the forward alone and after
+As the pipeline does it: the float forward runs over all ``--images`` calibration images, the relevance pass
+(``compute_relevance``) over the first ``--relevance-images`` of them (LRPQConfig's ``num_relevance_samples``), both
+in micro-batches of ``--batch-size``. Each is timed ``--repeats`` times, alternated after one warm-up each so that
+both see the same machine load; prints the medians, the median of the paired ratios, the relevance cost per image
+(relative to the forward per image) and the peak resident memory of the process after the forward alone and after
 the relevance runs (``resource.getrusage``; a high-water mark, so the second figure includes the first).
 
-    python benchmarks/relevance_cost.py                          # ViT-Base-sized (random weights), 8 images, 2 threads
-    python benchmarks/relevance_cost.py --rule epsilon --score weight
+    python benchmarks/relevance_cost.py                          # ViT-Base-sized (random weights), 32 images, 2 threads
+    python benchmarks/relevance_cost.py --model vit-large --repeats 1
+    python benchmarks/relevance_cost.py --images 8 --relevance-images 8 --rule epsilon --score weight
     python benchmarks/relevance_cost.py --profile                # torch.profiler table of one relevance pass
 """
 
@@ -21,12 +24,16 @@ import time
 import torch
 from transformers import Dinov2Config, Dinov2ForImageClassification, ViTConfig, ViTForImageClassification
 
+from optimum_lrpq import LRPQConfig
 from optimum_lrpq.relevance import RULES, SCORES, compute_relevance
 
 
 def build(name: str) -> torch.nn.Module:
     if name == "vit-base":
         return ViTForImageClassification(ViTConfig()).eval()  # ViT-Base: 224 px, 16 px patches, 768 wide, 12 layers
+    if name == "vit-large":
+        return ViTForImageClassification(ViTConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                                   intermediate_size=4096)).eval()
     if name == "dinov2-small":
         return Dinov2ForImageClassification(Dinov2Config(image_size=224, patch_size=14, hidden_size=384,
                                                          num_attention_heads=6, num_labels=1000)).eval()
@@ -53,8 +60,11 @@ def paired_times(first, second, repeats: int) -> tuple[list[float], list[float]]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="vit-base", choices=("vit-base", "dinov2-small"))
-    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--model", default="vit-base", choices=("vit-base", "vit-large", "dinov2-small"))
+    parser.add_argument("--images", type=int, default=32, help="calibration images (the float forward's)")
+    parser.add_argument("--relevance-images", type=int, default=LRPQConfig().num_relevance_samples,
+                        help="images of the relevance pass (default: LRPQConfig.num_relevance_samples)")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rule", default="chefer", choices=RULES)
@@ -67,13 +77,17 @@ def main() -> None:
     model = build(args.model)
     size = model.config.image_size
     pixel_values = torch.randn(args.images, 3, size, size)
+    batches = list(pixel_values.split(args.batch_size))
+    relevance_images = min(args.relevance_images, args.images)
+    relevance_batches = list(pixel_values[:relevance_images].split(args.batch_size))
 
     def forward() -> None:
         with torch.no_grad():
-            model(pixel_values=pixel_values)
+            for batch in batches:
+                model(pixel_values=batch)
 
     def relevance() -> None:
-        compute_relevance(model, [pixel_values], rule=args.rule, score=args.score)
+        compute_relevance(model, relevance_batches, rule=args.rule, score=args.score)
 
     if args.profile:
         relevance()  # warm-up
@@ -87,12 +101,16 @@ def main() -> None:
     forward_times, relevance_times = paired_times(forward, relevance, args.repeats)
     relevance_rss = peak_rss_mib()
     forward_s, relevance_s = statistics.median(forward_times), statistics.median(relevance_times)
-    print(f"model {args.model}, {args.images} images of {size} px, {args.threads} threads, rule={args.rule}, "
+    print(f"model {args.model}, {size} px, forward over {args.images} images, relevance over the first "
+          f"{relevance_images}, batches of {args.batch_size}, {args.threads} threads, rule={args.rule}, "
           f"score={args.score}, median of {args.repeats}")
     print(f"forward (no_grad)    {forward_s * 1000:9.1f} ms   peak RSS {forward_rss:8.0f} MiB")
     print(f"compute_relevance    {relevance_s * 1000:9.1f} ms   peak RSS {relevance_rss:8.0f} MiB")
     paired = statistics.median(r / f for f, r in zip(forward_times, relevance_times, strict=True))
-    print(f"ratio relevance / forward: {relevance_s / forward_s:.2f}x (median of paired ratios {paired:.2f}x)")
+    print(f"ratio relevance pass / forward over the calibration images: {relevance_s / forward_s:.2f}x "
+          f"(median of paired ratios {paired:.2f}x)")
+    per_image = paired * args.images / relevance_images
+    print(f"per image: relevance costs {per_image:.2f}x a forward")
 
 
 if __name__ == "__main__":
