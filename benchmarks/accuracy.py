@@ -116,6 +116,22 @@ ROWS: list[Row] = [
     lrpq(4, 4, mixed_precision=True, allocation="magnitude"),
     lrpq(3, 3, mixed_precision=True),
     lrpq(3, 3),
+    # Mix-QViT: relevance x measured per-unit sensitivity, and the measured sensitivity alone
+    lrpq(6, 6, mixed_precision=True, allocation="lrp_sensitivity"),
+    lrpq(6, 6, mixed_precision=True, allocation="sensitivity"),
+    lrpq(4, 4, mixed_precision=True, allocation="lrp_sensitivity"),
+    lrpq(4, 4, mixed_precision=True, allocation="sensitivity"),
+    lrpq(3, 3, mixed_precision=True, allocation="lrp_sensitivity"),
+    lrpq(3, 3, mixed_precision=True, allocation="sensitivity"),
+    lrpq(3, 3, mixed_precision=True, allocation="random"),
+    lrpq(3, 3, mixed_precision=True, allocation="magnitude"),
+    # relevance score of the lrp allocation (default "linear_abs")
+    lrpq(6, 6, mixed_precision=True, relevance_score="branch"),
+    lrpq(6, 6, mixed_precision=True, relevance_score="weight"),
+    lrpq(4, 4, mixed_precision=True, relevance_score="branch"),
+    lrpq(4, 4, mixed_precision=True, relevance_score="weight"),
+    lrpq(3, 3, mixed_precision=True, relevance_score="branch"),
+    lrpq(3, 3, mixed_precision=True, relevance_score="weight"),
 ]
 
 # ------------------------------------------------------------------------------------------------- methods

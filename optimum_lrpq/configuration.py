@@ -6,6 +6,7 @@ must stay JSON-serializable (`to_dict()` is a deep copy of `__dict__`).
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -23,7 +24,8 @@ SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
 RANGE_METHODS = ("minmax", "percentile_mse")
 RELEVANCE_TARGETS = ("predicted", "label")
 CLIPPING_RULES = ("ccq_a", "ccq_b")
-ALLOCATIONS = ("lrp", "uniform", "random", "magnitude")
+ALLOCATIONS = ("lrp", "lrp_sensitivity", "sensitivity", "uniform", "random", "magnitude")
+SENSITIVITY_METRICS = ("kl", "mse")
 RELEVANCE_SCORES = ("linear_abs", "branch", "weight")
 RELEVANCE_RULES = ("chefer", "epsilon")
 
@@ -78,8 +80,17 @@ class LRPQConfig(QuantizationConfigMixin):
         relevance_target: start relevance at the "predicted" class or at the "label".
         relevance_score: per-layer contribution score: "linear_abs" (Σ|R| at the layer input), "branch" or "weight".
         relevance_rule: LRP rule set, "chefer" (Chefer et al. 2021) or "epsilon".
-        allocation: how mixed precision picks bits: "lrp" (relevance, the method), or the baselines "uniform",
-            "random" (a random feasible allocation) and "magnitude" (weight-range sensitivity).
+        allocation: how mixed precision picks bits: "lrp" (relevance, the method); "lrp_sensitivity" (Mix-QViT:
+            relevance times the measured per-unit sensitivity, see `optimum_lrpq.sensitivity`); or the baselines
+            "sensitivity" (measured sensitivity alone), "uniform", "random" (a random feasible allocation) and
+            "magnitude" (weight-range sensitivity).
+        num_sensitivity_samples: images (the first calibration images) on which "lrp_sensitivity" and "sensitivity"
+            measure each unit's loss increase when it alone is quantized at each candidate width. The pass costs
+            about 2 x units x candidates forwards of these images.
+        sensitivity_metric: that loss increase: "kl" (KL divergence of the quantized from the float class
+            distribution, nats per image) or "mse" (mean squared logit error).
+        sensitivity_weight: weight of the measured sensitivity against the relevance-weighted 4^-b noise model in
+            the allocation objective (`allocation.allocate_bits`); the default 1.0 lets the measurement dominate.
         modules_to_not_convert: module names (or name suffixes) that stay in floating point.
         calibration_dataset, calibration_split, calibration_image_column: a dataset given by hub name or local
             path, used when quantizing at load time (`from_pretrained(..., quantization_config=...)`).
@@ -109,6 +120,9 @@ class LRPQConfig(QuantizationConfigMixin):
         relevance_score: str = "linear_abs",
         relevance_rule: str = "chefer",
         allocation: str = "lrp",
+        num_sensitivity_samples: int = 8,
+        sensitivity_metric: str = "kl",
+        sensitivity_weight: float = 1.0,
         modules_to_not_convert: list[str] | None = None,
         calibration_dataset: str | None = None,
         calibration_split: str = "train",
@@ -147,6 +161,9 @@ class LRPQConfig(QuantizationConfigMixin):
         self.relevance_score = relevance_score
         self.relevance_rule = relevance_rule
         self.allocation = allocation
+        self.num_sensitivity_samples = num_sensitivity_samples
+        self.sensitivity_metric = sensitivity_metric
+        self.sensitivity_weight = sensitivity_weight
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert else None
         self.calibration_dataset = calibration_dataset
         self.calibration_split = calibration_split
@@ -185,6 +202,13 @@ class LRPQConfig(QuantizationConfigMixin):
         _check_choice(self.relevance_score, "relevance_score", RELEVANCE_SCORES)
         _check_choice(self.relevance_rule, "relevance_rule", RELEVANCE_RULES)
         _check_choice(self.allocation, "allocation", ALLOCATIONS)
+        self.num_sensitivity_samples = _check_positive_int(self.num_sensitivity_samples, "num_sensitivity_samples")
+        _check_choice(self.sensitivity_metric, "sensitivity_metric", SENSITIVITY_METRICS)
+        if isinstance(self.sensitivity_weight, bool) or not isinstance(self.sensitivity_weight, numbers.Real) or not (
+            math.isfinite(self.sensitivity_weight) and self.sensitivity_weight > 0
+        ):
+            raise ValueError(f"sensitivity_weight must be a positive finite number, got {self.sensitivity_weight!r}.")
+        self.sensitivity_weight = float(self.sensitivity_weight)
         if self.clipping is not None:
             _check_choice(self.clipping, "clipping", CLIPPING_RULES)
         if isinstance(self.clipping_percentile, bool) or not isinstance(self.clipping_percentile, numbers.Real) or not (

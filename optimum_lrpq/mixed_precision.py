@@ -21,7 +21,9 @@ from .configuration import LRPQConfig
 from .data import CalibrationSet
 from .models import ModelLayout
 
-ALLOCATIONS = ("lrp", "uniform", "random", "magnitude")
+ALLOCATIONS = ("lrp", "lrp_sensitivity", "sensitivity", "uniform", "random", "magnitude")
+SENSITIVITY_ALLOCATIONS = ("lrp_sensitivity", "sensitivity")
+RELEVANCE_ALLOCATIONS = ("lrp", "lrp_sensitivity")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,30 @@ def magnitude_scores(model: nn.Module, names: list[str]) -> dict[str, float]:
     return scores
 
 
+def candidate_bits(config: LRPQConfig) -> list[int]:
+    """The widths the allocation chooses from: `config.candidate_bits`, or the defaults around both budgets."""
+    return config.candidate_bits or sorted(
+        set(default_candidates(config.weight_bits)) | set(default_candidates(config.activation_bits))
+    )
+
+
+def unit_sensitivity(
+    model: nn.Module,
+    layout: ModelLayout,
+    config: LRPQConfig,
+    uniform_bits: dict[str, dict[str, int]],
+    calibration: CalibrationSet,
+    show_progress: bool = True,
+) -> dict[str, dict[int, float]]:
+    """Mix-QViT sensitivity table ``unit -> {bits: loss increase}`` on the first `num_sensitivity_samples` images."""
+    from .sensitivity import measure_sensitivity
+
+    images = calibration.first(config.num_sensitivity_samples)
+    return measure_sensitivity(model, layout, config, allocation_units(layout, uniform_bits), uniform_bits,
+                               images.batches, candidate_bits(config), metric=config.sensitivity_metric,
+                               show_progress=show_progress)
+
+
 def choose_layer_bits(
     model: nn.Module,
     layout: ModelLayout,
@@ -88,8 +114,13 @@ def choose_layer_bits(
     uniform_bits: dict[str, dict[str, int]],
     calibration: CalibrationSet,
     relevance: dict[str, float] | None,
+    sensitivity: dict[str, dict[int, float]] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Per-layer bits under the budgets `config.weight_bits` / `config.activation_bits`."""
+    """Per-layer bits under the budgets `config.weight_bits` / `config.activation_bits`.
+
+    `relevance` (per layer) is needed by the "lrp" allocations, `sensitivity` (per unit, see `unit_sensitivity`) by
+    the sensitivity allocations.
+    """
     units = allocation_units(layout, uniform_bits)
     layers = [layer for unit in units for layer in unit.layers]
     macs = layer_macs(model, layers, calibration.batches[0])
@@ -99,19 +130,31 @@ def choose_layer_bits(
         for unit in units
     ]
     couple = config.weight_bits == config.activation_bits
-    candidates = config.candidate_bits or sorted(
-        set(default_candidates(config.weight_bits)) | set(default_candidates(config.activation_bits))
-    )
+    candidates = candidate_bits(config)
     if config.allocation == "uniform":
         return uniform_bits
     if config.allocation == "random":
         allocation = random_bits(costs, weight_budget=config.weight_bits, activation_budget=config.activation_bits,
                                  candidate_bits=candidates, seed=config.seed, couple=couple)
     else:
-        per_layer = relevance if config.allocation == "lrp" else magnitude_scores(model, layers)
-        scores = {unit.name: sum(per_layer[n] for n in unit.layers) for unit in units}
+        if config.allocation == "sensitivity":
+            scores = dict.fromkeys((unit.name for unit in units), 1.0)  # no relevance: the measurement decides
+        else:
+            if config.allocation in RELEVANCE_ALLOCATIONS:
+                if relevance is None:
+                    raise ValueError(f"allocation={config.allocation!r} needs the LRP relevance of every layer.")
+                per_layer = relevance
+            else:
+                per_layer = magnitude_scores(model, layers)
+            scores = {unit.name: sum(per_layer[n] for n in unit.layers) for unit in units}
+        table = None
+        if config.allocation in SENSITIVITY_ALLOCATIONS:
+            if sensitivity is None:
+                raise ValueError(f"allocation={config.allocation!r} needs the measured sensitivity of every unit.")
+            table = {unit.name: sensitivity[unit.name] for unit in units}
         allocation = allocate_bits(scores, costs, weight_budget=config.weight_bits,
-                                   activation_budget=config.activation_bits, candidate_bits=candidates, couple=couple)
+                                   activation_budget=config.activation_bits, candidate_bits=candidates, couple=couple,
+                                   sensitivity=table, sensitivity_weight=config.sensitivity_weight)
     return _expand(allocation, units, layout, uniform_bits)
 
 

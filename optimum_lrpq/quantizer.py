@@ -20,7 +20,7 @@ from .configuration import LRPQConfig
 from .conversion import convert_model, plan_layer_bits, restore_model
 from .data import CalibrationSet, prepare_calibration_data
 from .hf_quantizer import MODEL_TAGS, LRPQHfQuantizer
-from .mixed_precision import choose_layer_bits
+from .mixed_precision import RELEVANCE_ALLOCATIONS, SENSITIVITY_ALLOCATIONS, choose_layer_bits, unit_sensitivity
 from .models import get_adapter
 from .nn import ATTENTION_KEY, PackedWeightLayer
 from .output_dir import staged_output
@@ -50,6 +50,8 @@ class LRPQuantizer:
         if not isinstance(self.config, LRPQConfig):
             raise TypeError(f"config must be an LRPQConfig, got {type(self.config).__name__}.")
         self.relevance: dict[str, float] | None = None
+        # Mix-QViT sensitivity (unit -> {bits: loss increase}) of the last call, for the sensitivity allocations.
+        self.sensitivity: dict[str, dict[int, float]] | None = None
         self.layer_bits: dict[str, dict[str, int]] | None = None
         # Seconds per pipeline stage of the last `quantize_model` call (relevance, allocation, calibration, ...).
         self.timings: dict[str, float] = {}
@@ -114,9 +116,10 @@ class LRPQuantizer:
     def _choose_bits(self, model, layout, config: LRPQConfig, calibration: CalibrationSet, show_progress: bool):
         bits = plan_layer_bits(layout, config)
         self.relevance = None
+        self.sensitivity = None
         if not config.mixed_precision:
             return bits
-        if config.allocation == "lrp":
+        if config.allocation in RELEVANCE_ALLOCATIONS:
             if config.relevance_target == "label" and calibration.labels is None:
                 raise ValueError(
                     "relevance_target='label' needs labels in the calibration data (a 'label'/'labels' column or "
@@ -130,8 +133,12 @@ class LRPQuantizer:
                 score=config.relevance_score, rule=config.relevance_rule, show_progress=show_progress,
             )
             self.timings["relevance"] = time.perf_counter() - start
+        if config.allocation in SENSITIVITY_ALLOCATIONS:
+            start = time.perf_counter()
+            self.sensitivity = unit_sensitivity(model, layout, config, bits, calibration, show_progress)
+            self.timings["sensitivity"] = time.perf_counter() - start
         start = time.perf_counter()
-        bits = choose_layer_bits(model, layout, config, bits, calibration, self.relevance)
+        bits = choose_layer_bits(model, layout, config, bits, calibration, self.relevance, self.sensitivity)
         self.timings["allocation"] = time.perf_counter() - start
         return bits
 
