@@ -73,6 +73,7 @@ def quanto(w: int, a: int, quick: bool = False, **options) -> Row:
 
 
 PMSE = {"weight_range": "percentile_mse", "activation_range": "percentile_mse"}
+FOLD_SEARCH = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 ROWS: list[Row] = [
     Row("float", quick=True),
@@ -116,6 +117,19 @@ ROWS: list[Row] = [
     lrpq(4, 4, mixed_precision=True, allocation="magnitude"),
     lrpq(3, 3, mixed_precision=True),
     lrpq(3, 3),
+    # accuracy options: partial LayerNorm fold (fixed or searched per group) and GPTQ weight rounding
+    lrpq(4, 8, fold_strength=0.5),
+    lrpq(4, 8, fold_strength=FOLD_SEARCH),
+    lrpq(4, 8, weight_rounding="gptq", quick=True),
+    lrpq(4, 8, weight_rounding="gptq", fold_strength=0.5, quick=True),
+    lrpq(4, 8, weight_rounding="gptq", reparameterize=False),
+    lrpq(6, 6, fold_strength=0.5),
+    lrpq(6, 6, weight_rounding="gptq"),
+    lrpq(6, 6, weight_rounding="gptq", fold_strength=0.5),
+    lrpq(8, 8, fold_strength=0.5),
+    lrpq(8, 8, weight_rounding="gptq", fold_strength=0.5),
+    lrpq(4, 4, weight_rounding="gptq"),
+    lrpq(4, 4, weight_rounding="gptq", fold_strength=0.5, quick=True),
 ]
 
 # ------------------------------------------------------------------------------------------------- methods
