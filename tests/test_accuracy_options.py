@@ -53,7 +53,7 @@ def test_mse_range_never_worse_than_minmax():
 
 
 @pytest.mark.parametrize("options", [
-    {"weight_rounding": "gptq"},
+    {"weight_rounding": "nearest"},
     {"fold_strength": 0.5},
     {"fold_strength": [0.0, 0.5, 1.0], "weight_rounding": "gptq", "weight_range": "mse"},
     {"weight_rounding": "gptq", "reparameterize": False},
@@ -79,7 +79,8 @@ def test_pipeline_with_accuracy_options_round_trips(family, options, tmp_path):
 
 
 def test_new_fields_are_validated_and_round_trip():
-    config = LRPQConfig(fold_strength=[0, 0.5, 1], weight_rounding="gptq", weight_range="mse")
+    assert LRPQConfig().weight_rounding == "gptq"
+    config = LRPQConfig(fold_strength=[0, 0.5, 1], weight_rounding="nearest", weight_range="mse")
     assert config.fold_strength == [0.0, 0.5, 1.0]
     again = LRPQConfig.from_dict(config.to_dict())
     assert again.to_dict() == config.to_dict()
