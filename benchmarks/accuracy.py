@@ -117,19 +117,21 @@ ROWS: list[Row] = [
     lrpq(4, 4, mixed_precision=True, allocation="magnitude"),
     lrpq(3, 3, mixed_precision=True),
     lrpq(3, 3),
-    # accuracy options: partial LayerNorm fold (fixed or searched per group) and GPTQ weight rounding
-    lrpq(4, 8, fold_strength=0.5),
-    lrpq(4, 8, fold_strength=FOLD_SEARCH),
-    lrpq(4, 8, weight_rounding="gptq", quick=True),
-    lrpq(4, 8, weight_rounding="gptq", fold_strength=0.5, quick=True),
-    lrpq(4, 8, weight_rounding="gptq", reparameterize=False),
-    lrpq(6, 6, fold_strength=0.5),
-    lrpq(6, 6, weight_rounding="gptq"),
-    lrpq(6, 6, weight_rounding="gptq", fold_strength=0.5),
+    # weight rounding: GPTQ (the default) vs round-to-nearest (RepQ-ViT, the default before)
+    lrpq(8, 8, weight_rounding="nearest"),
+    lrpq(6, 6, weight_rounding="nearest"),
+    lrpq(4, 8, weight_rounding="nearest", quick=True),
+    lrpq(4, 4, weight_rounding="nearest"),
+    # partial LayerNorm fold: r_c**0.5, or searched per LayerNorm by the consumers' output error
     lrpq(8, 8, fold_strength=0.5),
-    lrpq(8, 8, weight_rounding="gptq", fold_strength=0.5),
-    lrpq(4, 4, weight_rounding="gptq"),
-    lrpq(4, 4, weight_rounding="gptq", fold_strength=0.5, quick=True),
+    lrpq(6, 6, fold_strength=0.5),
+    lrpq(4, 8, fold_strength=0.5),
+    lrpq(4, 8, weight_rounding="nearest", fold_strength=0.5),
+    lrpq(4, 8, weight_rounding="nearest", fold_strength=FOLD_SEARCH),
+    # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
+    lrpq(4, 4, activation_range="percentile_mse", quick=True),
+    lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),
+    lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_b"),
 ]
 
 # ------------------------------------------------------------------------------------------------- methods
