@@ -73,6 +73,7 @@ def quanto(w: int, a: int, quick: bool = False, **options) -> Row:
 
 
 PMSE = {"weight_range": "percentile_mse", "activation_range": "percentile_mse"}
+FOLD_SEARCH = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 ROWS: list[Row] = [
     Row("float", quick=True),
@@ -132,6 +133,21 @@ ROWS: list[Row] = [
     lrpq(4, 4, mixed_precision=True, relevance_score="weight"),
     lrpq(3, 3, mixed_precision=True, relevance_score="branch"),
     lrpq(3, 3, mixed_precision=True, relevance_score="weight"),
+    # weight rounding: GPTQ (the default) vs round-to-nearest (RepQ-ViT, the default before)
+    lrpq(8, 8, weight_rounding="nearest"),
+    lrpq(6, 6, weight_rounding="nearest"),
+    lrpq(4, 8, weight_rounding="nearest", quick=True),
+    lrpq(4, 4, weight_rounding="nearest"),
+    # partial LayerNorm fold: r_c**0.5, or searched per LayerNorm by the consumers' output error
+    lrpq(8, 8, fold_strength=0.5),
+    lrpq(6, 6, fold_strength=0.5),
+    lrpq(4, 8, fold_strength=0.5),
+    lrpq(4, 8, weight_rounding="nearest", fold_strength=0.5),
+    lrpq(4, 8, weight_rounding="nearest", fold_strength=FOLD_SEARCH),
+    # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
+    lrpq(4, 4, activation_range="percentile_mse", quick=True),
+    lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),
+    lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_b"),
 ]
 
 # ------------------------------------------------------------------------------------------------- methods

@@ -161,8 +161,9 @@ def render_model_card(
         "## Quantization",
         "",
         f"- Base model: {base_text}",
-        (f"- Method: LRP-QViT ({mode}), RepQ-ViT-style calibration: per-output-channel weights, post-LayerNorm "
-         f"activations reparameterized into a per-tensor quantizer, `{config.softmax_quantizer}` quantizer for "
+        (f"- Method: LRP-QViT ({mode}), RepQ-ViT-style calibration: per-output-channel weights "
+         f"({'GPTQ' if getattr(config, 'weight_rounding', 'nearest') == 'gptq' else 'round-to-nearest'} rounding), "
+         f"post-LayerNorm activations {_fold_text(config)}, `{config.softmax_quantizer}` quantizer for "
          "attention probabilities; LayerNorm, softmax, GELU and residual adds stay in floating point"),
         f"- Budget: {budget}",
         (f"- Achieved: {summary['weight_bits']:.2f} average weight bits, {summary['activation_bits']:.2f} average "
@@ -270,3 +271,14 @@ def upload_model_folder(
     from .serialization import upload_folder
 
     return upload_folder(directory, repo_id, token=token, private=private, commit_message=commit_message).commit_url
+
+
+def _fold_text(config) -> str:
+    if not config.reparameterize:
+        return "quantized per channel"
+    strength = getattr(config, "fold_strength", 1.0)
+    if isinstance(strength, list):
+        return "partially reparameterized into a per-tensor quantizer (fold strength searched per LayerNorm)"
+    if strength == 1.0:
+        return "reparameterized into a per-tensor quantizer"
+    return f"partially reparameterized into a per-tensor quantizer (fold strength {strength:g})"

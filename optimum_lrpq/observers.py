@@ -73,6 +73,13 @@ class ActivationObserver:
                 f"The quantizer {self.name!r} saw no data during calibration; the calibration pass did not reach it."
             )
 
+    def samples(self) -> torch.Tensor:
+        """The kept samples: [values] per tensor, [token rows, channels] per channel."""
+        self._check_observed()
+        if not self._samples:
+            raise RuntimeError(f"The observer of {self.name!r} kept no samples; create it with keep_samples=True.")
+        return torch.cat(self._samples, dim=0)
+
     def uniform_grid(self, bits: int, clip_percentile: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) as 1-D tensors: one element per tensor, or one per channel.
 

