@@ -3,6 +3,7 @@
     python benchmarks/cost.py --model base                       # ViT-Base-sized config, 32 images at 224 px
     python benchmarks/cost.py --model base --mixed-precision     # + LRP relevance and allocation
     python benchmarks/cost.py --model large --images 32          # ViT-Large-sized config
+    python benchmarks/cost.py --model base --weight-rounding nearest   # without GPTQ
 
 Weights are random (a config, not a checkpoint): costs do not depend on the weight values. Peak memory is the
 largest resident set size sampled every 20 ms while a stage runs (process-wide, including the float model).
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--mixed-precision", action="store_true")
     parser.add_argument("--range", choices=["minmax", "percentile_mse"], default="percentile_mse")
+    parser.add_argument("--weight-rounding", choices=["gptq", "nearest"], default=LRPQConfig().weight_rounding)
     parser.add_argument("--relevance-samples", type=int, default=LRPQConfig().num_relevance_samples,
                         help="images of the relevance pass (default: LRPQConfig's)")
     args = parser.parse_args()
@@ -98,6 +100,7 @@ def main() -> None:
         weight_bits=args.bits, activation_bits=args.bits, mixed_precision=args.mixed_precision,
         weight_range=args.range, activation_range=args.range, num_calibration_samples=args.images,
         calibration_batch_size=args.batch_size, num_relevance_samples=args.relevance_samples,
+        weight_rounding=args.weight_rounding,
     ))
     if args.mixed_precision:
         print(f"relevance on the first {min(args.relevance_samples, args.images)} of the {args.images} images")
