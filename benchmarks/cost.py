@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--mixed-precision", action="store_true")
-    parser.add_argument("--range", choices=["minmax", "percentile_mse"], default="percentile_mse")
+    parser.add_argument("--range", choices=["minmax", "percentile_mse", "mse"], default=LRPQConfig().activation_range)
     parser.add_argument("--weight-rounding", choices=["gptq", "nearest"], default=LRPQConfig().weight_rounding)
     parser.add_argument("--relevance-samples", type=int, default=LRPQConfig().num_relevance_samples,
                         help="images of the relevance pass (default: LRPQConfig's)")
