@@ -103,8 +103,9 @@ def fold_error(
     """Output error of the consumers after a fold of strength `alpha`, on [tokens, channels] LayerNorm outputs.
 
     Each consumer computes fake-quantized x' (the per-tensor grid of the fold) times its fake-quantized folded weight
-    (per row, `weight_range` method; a consumer with `None` bits keeps a float weight); the error is the sum over consumers of the mean squared output error relative
-    to the mean square of the float output, so that q, k and v count alike.
+    (per row, `weight_range` method; a consumer with `None` bits keeps a float weight); the error is the sum over
+    consumers of the mean squared output error relative to the mean square of the float output, so that q, k and v
+    count alike.
     """
     from .range_methods import estimate_range
     from .uniform import fake_quantize
