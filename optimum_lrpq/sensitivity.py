@@ -62,16 +62,20 @@ def unit_layer_bits(unit, layout: ModelLayout, uniform_bits: dict[str, dict[str,
     return out
 
 
+def _check_metric(metric: str) -> None:
+    if metric not in SENSITIVITY_METRICS:
+        raise ValueError(f"sensitivity metric must be one of {list(SENSITIVITY_METRICS)}, got {metric!r}.")
+
+
 def logit_loss(quantized: torch.Tensor, reference: torch.Tensor, metric: str) -> torch.Tensor:
     """Per-image loss of `quantized` logits against the float `reference` logits, shape [batch]."""
+    _check_metric(metric)
     quantized, reference = quantized.double(), reference.double()
     if metric == "kl":
         log_p = torch.log_softmax(reference, dim=-1)
         log_q = torch.log_softmax(quantized, dim=-1)
         return (log_p.exp() * (log_p - log_q)).sum(-1)
-    if metric == "mse":
-        return (quantized - reference).pow(2).mean(-1)
-    raise ValueError(f"sensitivity metric must be one of {list(SENSITIVITY_METRICS)}, got {metric!r}.")
+    return (quantized - reference).pow(2).mean(-1)  # "mse"
 
 
 def monotone_table(raw: dict[int, float]) -> dict[int, float]:
@@ -116,8 +120,7 @@ def measure_sensitivity(
         metric: "kl" or "mse" (see `logit_loss`).
         show_progress: tqdm progress bar.
     """
-    if metric not in SENSITIVITY_METRICS:
-        raise ValueError(f"sensitivity metric must be one of {list(SENSITIVITY_METRICS)}, got {metric!r}.")
+    _check_metric(metric)  # before any work
     if not batches:
         raise ValueError("measure_sensitivity needs at least one batch of images.")
     device, dtype = _device_and_dtype(model)

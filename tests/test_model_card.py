@@ -96,3 +96,8 @@ def test_base_model_is_recorded_and_survives_reload(tmp_path):
     reloaded.save_pretrained(tmp_path / "again")  # its name_or_path is now the folder; the card still names the base
     card = ModelCard.load(tmp_path / "again" / "README.md")
     assert card.data.base_model == "google/vit-base-patch16-224"
+
+
+def test_base_model_must_be_a_string():
+    with pytest.raises(ValueError, match="base_model must be a Hub id or path"):
+        LRPQConfig(base_model=42)

@@ -75,3 +75,11 @@ def test_quantized_checkpoint_loads_with_a_device_map(tmp_path):
     offloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "q", device_map=offload_map("vit"),
                                                                 offload_folder=tmp_path / "offload")
     assert torch.equal(logits(offloaded, pixels(3, seed=9)), expected)
+
+
+def test_offloaded_module_cannot_be_replaced_before_onloading():
+    from optimum_lrpq.placement import carry_hook
+
+    model = cpu_offload(build("vit"), execution_device="cpu")
+    with pytest.raises(ValueError, match="still offloaded; call placement.onload first"):
+        carry_hook(model.classifier, torch.nn.Identity())  # its weights live in the offload map

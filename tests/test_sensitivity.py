@@ -172,3 +172,9 @@ def test_sensitivity_fields_round_trip():
     assert again.to_dict() == config.to_dict()
     assert (again.allocation, again.num_sensitivity_samples, again.sensitivity_metric, again.sensitivity_weight) == (
         "lrp_sensitivity", 4, "mse", 2.0)
+
+
+def test_no_batches_is_refused():
+    model, layout, config, uniform, units = setup("vit")
+    with pytest.raises(ValueError, match="needs at least one batch of images"):
+        measure_sensitivity(model, layout, config, units[:1], uniform, [], [3], show_progress=False)
