@@ -164,21 +164,37 @@ def set_layernorm_grids(model: nn.Module, layout: ModelLayout, config: LRPQConfi
     return folds
 
 
+# A per-channel linear input needs this many observed tokens: a channel's min/max over n rows is exceeded by about
+# 1/(n+1) of new values, so with fewer rows (e.g. 16 tiny images) clipping on unseen images outweighs the finer
+# steps. Below it the channels share the tensor-level grid (same checkpoint layout).
+MIN_ROWS_PER_CHANNEL = 1024
+
+
 def finalize_activation_grids(model: nn.Module) -> None:
+    too_few_rows = []
     for module in model.modules():
         if isinstance(module, UniformQuantizer) and module.observer is not None:
             observer = module.observer
+            if observer.per_channel and observer.rows < MIN_ROWS_PER_CHANNEL:
+                too_few_rows.append(observer)
             if not observer.per_channel and bool((observer.high - observer.low).abs().max() == 0):
                 logger.warning(
                     f"{observer.name} saw a constant input ({observer.low.item():g}) during calibration, so its grid "
                     "only represents that value. Calibrate on more varied images if this layer matters."
                 )
-            scale, zero_point = module.observer.uniform_grid(module.bits)
+            scale, zero_point = observer.uniform_grid(module.bits, min_rows=MIN_ROWS_PER_CHANNEL)
             module.set_grid(scale, zero_point)
             module.observer = None
         elif isinstance(module, LogQuantizer) and module.observer is not None:
             module.set_grid(module.observer.log_scale(module.bits, module.sqrt2))
             module.observer = None
+    if too_few_rows:
+        logger.warning(
+            f"{len(too_few_rows)} per-channel input quantizer(s) (first: {too_few_rows[0].name}) saw only "
+            f"{min(o.rows for o in too_few_rows)} tokens during calibration, too few for a range per channel (needs "
+            f"{MIN_ROWS_PER_CHANNEL}), so their channels share one range. Calibrate on more images, or set "
+            "linear_input_granularity='per_tensor'."
+        )
 
 
 def freeze_weights(model: nn.Module, range_method: str,

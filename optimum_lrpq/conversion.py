@@ -101,9 +101,12 @@ def convert_model(
                     model, consumer, bits(consumer, "weight"), input_bits, force_bias, skeleton
                 )
 
+    # Heads see one token (or pooled vector) per image: too few rows to calibrate a range per channel.
+    per_channel_inputs = config.linear_input_granularity == "per_channel"
     for name in layout.linears:
         if name in layer_bits:
-            replaced[name] = _replace_linear(model, name, bits(name, "weight"), bits(name, "activation"), False, skeleton)
+            replaced[name] = _replace_linear(model, name, bits(name, "weight"), bits(name, "activation"), False,
+                                             skeleton, input_per_channel=per_channel_inputs and name not in layout.heads)
 
     for name in layout.attentions:
         if name in layer_bits:
@@ -145,12 +148,13 @@ def _swap(model, name, expected: type, build_skeleton, build_quantized, skeleton
     return original
 
 
-def _replace_linear(model, name, weight_bits, input_bits, force_bias, skeleton):
+def _replace_linear(model, name, weight_bits, input_bits, force_bias, skeleton, input_per_channel=False):
     return _swap(
         model, name, nn.Linear,
         lambda m: QuantLinear(m.in_features, m.out_features, m.bias is not None or force_bias, weight_bits,
-                              input_bits, dtype=m.weight.dtype, device="meta"),
-        lambda m: QuantLinear.from_float(m, weight_bits, input_bits, force_bias=force_bias),
+                              input_bits, dtype=m.weight.dtype, device="meta", input_per_channel=input_per_channel),
+        lambda m: QuantLinear.from_float(m, weight_bits, input_bits, force_bias=force_bias,
+                                         input_per_channel=input_per_channel),
         skeleton,
     )
 

@@ -33,6 +33,7 @@ class ActivationObserver:
         self.keep_samples = method != "minmax" if keep_samples is None else keep_samples
         self.low: torch.Tensor | None = None
         self.high: torch.Tensor | None = None
+        self.rows = 0  # vectors observed (tokens), for per-channel statistics
         self._samples: list[torch.Tensor] = []
         self._quota = max(1, max_samples // max(1, num_batches))
         self._generator = torch.Generator().manual_seed(seed)
@@ -49,6 +50,7 @@ class ActivationObserver:
                 f"Non-finite values (NaN or Inf) reach the quantizer {self.name!r} during calibration. Check the "
                 "calibration images (normalized, finite) and that the float model itself produces finite outputs."
             )
+        self.rows += x.numel() // max(1, x.shape[-1]) if x.ndim else 1
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
         if self.keep_samples:
@@ -80,12 +82,16 @@ class ActivationObserver:
             raise RuntimeError(f"The observer of {self.name!r} kept no samples; create it with keep_samples=True.")
         return torch.cat(self._samples, dim=0)
 
-    def uniform_grid(self, bits: int, clip_percentile: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def uniform_grid(self, bits: int, clip_percentile: float | None = None,
+                     min_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, zero_point) as 1-D tensors: one element per tensor, or one per channel.
 
-        `clip_percentile` (CCQ-a) clamps the samples to their tensor-level percentile range first.
+        `clip_percentile` (CCQ-a) clamps the samples to their tensor-level percentile range first. A per-channel
+        observer that saw fewer than `min_rows` vectors gives every channel the tensor-level grid instead.
         """
         self._check_observed()
+        if self.per_channel and self.rows < min_rows:
+            return self._tensor_grid_for_channels(bits)
         if self.method == "minmax" and clip_percentile is None:
             return scale_zero_point_from_range(self.low.cpu(), self.high.cpu(), bits)
         if not self._samples:
@@ -95,6 +101,16 @@ class ActivationObserver:
             data = clip_activation_samples(data, clip_percentile)
         scale, zero_point = estimate_range(data, bits, channel_axis=1 if self.per_channel else None, method=self.method)
         return scale.reshape(-1), zero_point.reshape(-1)
+
+    def _tensor_grid_for_channels(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.method == "minmax" or not self._samples:
+            scale, zero_point = scale_zero_point_from_range(self.low.min().reshape(1).cpu(),
+                                                            self.high.max().reshape(1).cpu(), bits)
+        else:
+            scale, zero_point = estimate_range(torch.cat(self._samples).reshape(-1), bits, channel_axis=None,
+                                               method=self.method)
+        channels = self.low.numel()
+        return scale.reshape(1).expand(channels).clone(), zero_point.reshape(1).expand(channels).clone()
 
     def log_scale(self, bits: int, sqrt2: bool) -> torch.Tensor:
         """Δ of the log quantizer (the largest representable probability)."""

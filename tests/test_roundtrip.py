@@ -10,6 +10,7 @@ from tiny_models import MODEL_NAMES, build, logits, pixels
 from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
+from optimum_lrpq.configuration import FORMAT_VERSION
 from optimum_lrpq.hf_quantizer import LRPQHfQuantizer
 from optimum_lrpq.nn import QuantConv2d, QuantLayerNorm, QuantLinear
 
@@ -93,7 +94,8 @@ def test_config_json_names_method_version_and_bits(tmp_path):
     qmodel.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "lrpq"
-    assert saved["format_version"] == 1
+    assert saved["format_version"] == FORMAT_VERSION == 2
+    assert saved["linear_input_granularity"] == "per_channel"
     assert saved["lrpq_version"]
     layer_bits = saved["layer_bits"]
     for name, module in qmodel.named_modules():

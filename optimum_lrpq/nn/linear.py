@@ -13,24 +13,28 @@ from .weights import PackedWeightLayer
 class QuantLinear(PackedWeightLayer):
     """Linear layer with `weight_bits` per-output-channel weights.
 
-    `input_quant` quantizes the input per tensor; it is absent when the input was already quantized upstream
-    (the output quantizer of a `QuantLayerNorm` feeding q/k/v, fc1 or Swin's patch-merging reduction).
+    `input_quant` quantizes the input per tensor, or per input channel with `input_per_channel` (one step per
+    channel, applied when the producer's output is requantized); it is absent when the input was already quantized
+    upstream (the output quantizer of a `QuantLayerNorm` feeding q/k/v, fc1 or Swin's patch-merging reduction).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_bits: int, input_bits: int | None,
-                 dtype: torch.dtype = torch.float32, device=None):
+                 dtype: torch.dtype = torch.float32, device=None, input_per_channel: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self._init_frozen((out_features, in_features), weight_bits, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self.input_quant = UniformQuantizer(input_bits, device=device) if input_bits is not None else None
+        channels = in_features if input_per_channel else None
+        self.input_quant = (UniformQuantizer(input_bits, channels=channels, device=device)
+                            if input_bits is not None else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, input_bits: int | None, force_bias: bool = False):
+    def from_float(cls, linear: nn.Linear, weight_bits: int, input_bits: int | None, force_bias: bool = False,
+                   input_per_channel: bool = False):
         """Wrap a float Linear (weights still float until `freeze()`); `force_bias` adds a zero bias if absent."""
         w = linear.weight
         module = cls(linear.in_features, linear.out_features, linear.bias is not None or force_bias, weight_bits,
-                     input_bits, dtype=w.dtype, device=w.device)
+                     input_bits, dtype=w.dtype, device=w.device, input_per_channel=input_per_channel)
         for name in ("qweight", "weight_scale", "weight_zero_point"):
             delattr(module, name)
         module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
