@@ -21,7 +21,7 @@ QUANT_METHOD = "lrpq"
 # 2: per-channel input quantizers of o_proj / fc2 / heads (`linear_input_granularity`); format 1 is per tensor.
 FORMAT_VERSION = 2
 
-SOFTMAX_QUANTIZERS = ("log_sqrt2", "log2", "uniform")
+SOFTMAX_QUANTIZERS = ("auto", "log_sqrt2", "log2", "uniform")
 RANGE_METHODS = ("minmax", "percentile_mse", "mse")
 GRANULARITIES = ("per_tensor", "per_channel")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
@@ -67,7 +67,9 @@ class LRPQConfig(QuantizationConfigMixin):
         mixed_precision: choose bits per layer from LRP relevance under the budgets above.
         candidate_bits: bit widths the allocation may choose from (mixed precision only).
         patch_embedding_input_bits: bits of the image fed to the patch embedding (RepQ-ViT keeps 8).
-        softmax_quantizer: quantizer for post-softmax probabilities: "log_sqrt2" (default), "log2" or "uniform".
+        softmax_quantizer: quantizer for post-softmax probabilities: "auto" (default: "log_sqrt2" below 7 bits,
+            "uniform" at 7-8 bits, where a log quantizer's fixed √2 step near 1 costs more than 1/255 uniform steps),
+            "log_sqrt2" (RepQ-ViT), "log2" or "uniform".
         weight_range, activation_range: range estimator: "minmax", "percentile_mse" (RepQ-ViT's 3-point percentile
             search by MSE) or "mse" (the min-max range shrunk towards 0 by the factor in 1.0, 0.975, ..., 0.5 with
             the least MSE, per row for weights; never worse than min-max in MSE).
@@ -126,7 +128,7 @@ class LRPQConfig(QuantizationConfigMixin):
         mixed_precision: bool = False,
         candidate_bits: list[int] | None = None,
         patch_embedding_input_bits: int = 8,
-        softmax_quantizer: str = "log_sqrt2",
+        softmax_quantizer: str = "auto",
         weight_range: str = "minmax",
         activation_range: str = "minmax",
         weight_rounding: str = "gptq",

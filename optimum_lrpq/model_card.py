@@ -163,7 +163,7 @@ def render_model_card(
         f"- Base model: {base_text}",
         (f"- Method: LRP-QViT ({mode}), RepQ-ViT-style calibration: per-output-channel weights "
          f"({'GPTQ' if getattr(config, 'weight_rounding', 'nearest') == 'gptq' else 'round-to-nearest'} rounding), "
-         f"post-LayerNorm activations {_fold_text(config)}, `{config.softmax_quantizer}` quantizer for "
+         f"post-LayerNorm activations {_fold_text(config)}, {_input_text(config)}, {_softmax_text(config)} for "
          "attention probabilities; LayerNorm, softmax, GELU and residual adds stay in floating point"),
         f"- Budget: {budget}",
         (f"- Achieved: {summary['weight_bits']:.2f} average weight bits, {summary['activation_bits']:.2f} average "
@@ -271,6 +271,18 @@ def upload_model_folder(
     from .serialization import upload_folder
 
     return upload_folder(directory, repo_id, token=token, private=private, commit_message=commit_message).commit_url
+
+
+def _input_text(config) -> str:
+    if getattr(config, "linear_input_granularity", "per_tensor") == "per_channel":
+        return "per-channel steps for the inputs of o_proj and fc2"
+    return "per-tensor inputs of o_proj and fc2"
+
+
+def _softmax_text(config) -> str:
+    if config.softmax_quantizer == "auto":
+        return "log√2 quantizers below 7 bits and uniform ones at 7-8 bits"
+    return f"`{config.softmax_quantizer}` quantizers"
 
 
 def _fold_text(config) -> str:

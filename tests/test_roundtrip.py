@@ -12,7 +12,8 @@ from transformers import AutoModelForImageClassification
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.configuration import FORMAT_VERSION
 from optimum_lrpq.hf_quantizer import LRPQHfQuantizer
-from optimum_lrpq.nn import QuantConv2d, QuantLayerNorm, QuantLinear
+from optimum_lrpq.nn import LogQuantizer, QuantConv2d, QuantLayerNorm, QuantLinear, UniformQuantizer
+from optimum_lrpq.nn.attention import resolve_softmax_quantizer
 
 
 def quantize(name: str, w: int = 8, a: int = 8, **config):
@@ -161,3 +162,28 @@ def test_dinov2_backbone_accepts_other_image_sizes(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         assert torch.equal(loaded.eval()(pixel_values=x).last_hidden_state, expected)
+
+
+@pytest.mark.parametrize("bits, expected", [(4, LogQuantizer), (6, LogQuantizer), (8, UniformQuantizer)])
+def test_auto_softmax_quantizer_is_log_below_7_bits_uniform_from_7(bits, expected, tmp_path):
+    assert resolve_softmax_quantizer("auto", bits) == ("uniform" if bits >= 7 else "log_sqrt2")
+    assert resolve_softmax_quantizer("log2", 8) == "log2"
+    qmodel = quantize("vit", 8, bits)
+    assert qmodel.config.quantization_config.softmax_quantizer == "auto"
+    assert type(qmodel.get_submodule("vit.layers.0.attention").softmax_quant) is expected
+    x = pixels(4, seed=7)
+    qmodel.save_pretrained(tmp_path)
+    loaded, _ = reload(tmp_path)
+    assert type(loaded.get_submodule("vit.layers.0.attention").softmax_quant) is expected
+    assert torch.equal(logits(loaded, x), logits(qmodel, x))
+
+
+def test_auto_softmax_quantizer_follows_each_attentions_bits_in_mixed_precision():
+    model = build("vit")
+    config = LRPQConfig(weight_bits=6, activation_bits=6, mixed_precision=True, candidate_bits=[4, 8])
+    qmodel = LRPQuantizer(config).quantize_model(model, pixels(16), show_progress=False)
+    layer_bits = qmodel.config.quantization_config.layer_bits
+    for index in range(2):
+        name = f"vit.layers.{index}.attention"
+        expected = UniformQuantizer if layer_bits[name]["activation"] >= 7 else LogQuantizer
+        assert type(qmodel.get_submodule(name).softmax_quant) is expected
