@@ -19,6 +19,7 @@ from .models import ModelLayout
 from .nn import LogQuantizer, PackedWeightLayer, QuantConv2d, QuantLayerNorm, UniformQuantizer
 from .observers import ActivationObserver
 from .quantization.clipping import clip_channel_scales
+from .quantization.gptq import gptq_quantize
 from .quantization.reparameterization import reparameterize, search_fold_strength
 
 logger = logging.get_logger(__name__)
@@ -198,11 +199,32 @@ def finalize_activation_grids(model: nn.Module) -> None:
 
 
 def freeze_weights(model: nn.Module, range_method: str,
-                   hessian_of: Callable[[str], torch.Tensor | None] | None = None) -> None:
-    """Quantize every remaining float weight; `hessian_of(name)` (GPTQ) gives a layer's input second moments."""
+                   hessian_of: Callable[[str], torch.Tensor | None] | None = None,
+                   shared_input_of: Callable[[str], object] | None = None) -> None:
+    """Quantize every remaining float weight; `hessian_of(name)` (GPTQ) gives a layer's input second moments.
+
+    Layers with the same `shared_input_of(name)` key (q, k and v read one input) are rounded in one GPTQ solve:
+    their rows are independent given the shared H, so this only saves the repeated factorisation and sweep.
+    """
+    groups: dict[object, list[tuple[str, PackedWeightLayer]]] = {}
     for name, module in model.named_modules():
         if isinstance(module, PackedWeightLayer) and not module.is_frozen:
-            module.freeze(range_method, hessian=hessian_of(name) if hessian_of is not None else None)
+            key = shared_input_of(name) if shared_input_of is not None else name
+            groups.setdefault(key, []).append((name, module))
+    for members in groups.values():
+        hessian = hessian_of(members[0][0]) if hessian_of is not None else None
+        if hessian is None or len(members) == 1:
+            for name, module in members:
+                module.freeze(range_method, hessian=hessian if len(members) == 1 else None)
+            continue
+        grids = [module.weight_grid(range_method) for _, module in members]
+        bits = torch.cat([torch.full((rows.shape[0],), float(module.weight_bits))
+                          for (rows, _, _), (_, module) in zip(grids, members)])
+        rounded = gptq_quantize(torch.cat([g[0] for g in grids]), hessian.to(grids[0][0].device),
+                                torch.cat([g[1] for g in grids]), torch.cat([g[2] for g in grids]), bits)
+        for part, (_, scale, zero_point), (_, module) in zip(rounded.split([g[0].shape[0] for g in grids]), grids,
+                                                              members):
+            module.store(part, scale, zero_point)
 
 
 def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches: list[torch.Tensor],
@@ -229,7 +251,8 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
                 return None
             return record.second_moment(*folds.get(name, (None, None)))
 
-        freeze_weights(model, config.weight_range, hessian_of)
+        freeze_weights(model, config.weight_range, hessian_of,
+                       shared_input_of=lambda name: id(moments[name]) if name in moments else name)
         moments.clear()
         finalize_activation_grids(model)
         timings["grids_and_weights"] = time.perf_counter() - start

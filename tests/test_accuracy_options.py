@@ -8,7 +8,7 @@ from tiny_models import build, logits, pixels
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.quantization import ranges, uniform
-from optimum_lrpq.quantization.gptq import gptq_quantize
+from optimum_lrpq.quantization.gptq import _inverse_upper_cholesky, _lower_triangular_inverse, gptq_quantize
 
 
 def _correlated_inputs(seed=0, rows=4000, channels=48):
@@ -41,6 +41,32 @@ def test_gptq_handles_dead_inputs_and_checks_shapes():
     assert torch.isfinite(out).all()
     with pytest.raises(ValueError, match="hessian must be"):
         gptq_quantize(w, torch.eye(15), scale.reshape(-1), zero_point.reshape(-1), 3)
+
+
+def test_inverse_upper_cholesky_factors_the_inverse():
+    x = _correlated_inputs(seed=3, channels=600)  # > the 256 leaf: the block recursion runs
+    h = (x.T @ x / len(x)).double()
+    h.diagonal().add_(0.01 * h.diagonal().mean())
+    upper = _inverse_upper_cholesky(h)
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(h), rtol=1e-8, atol=1e-10)
+    lower = torch.linalg.cholesky(h)
+    torch.testing.assert_close(_lower_triangular_inverse(lower), torch.linalg.inv(lower), rtol=1e-8, atol=1e-10)
+
+
+def test_gptq_joint_solve_of_layers_sharing_an_input_equals_separate_solves():
+    """q, k and v are rounded in one solve; rows are independent given H, widths may differ per row."""
+    x = _correlated_inputs(seed=4)
+    h = x.T @ x / len(x)
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(rows, x.shape[1], generator=g) for rows in (6, 9)]
+    widths = (4, 6)
+    grids = [ranges.minmax_range(w, b, channel_axis=0) for w, b in zip(parts, widths)]
+    separate = [gptq_quantize(w, h, s.reshape(-1), z.reshape(-1), b) for w, (s, z), b in zip(parts, grids, widths)]
+    bits = torch.cat([torch.full((w.shape[0],), float(b)) for w, b in zip(parts, widths)])
+    joint = gptq_quantize(torch.cat(parts), h, torch.cat([s.reshape(-1) for s, _ in grids]),
+                          torch.cat([z.reshape(-1) for _, z in grids]), bits)
+    torch.testing.assert_close(joint, torch.cat(separate), rtol=0, atol=1e-5)
 
 
 def test_mse_range_never_worse_than_minmax():

@@ -61,18 +61,26 @@ class PackedWeightLayer(nn.Module):
         With `hessian` (E[x xᵀ] of the layer's input, over the flattened weight row), the rounding is GPTQ's
         (`optimum_lrpq.quantization.gptq`) instead of round-to-nearest; the grid is the same.
         """
-        weight = self.weight.detach()
-        rows = weight.float().reshape(weight.shape[0], -1)
-        scale, zero_point = estimate_range(rows, self.weight_bits, channel_axis=0, method=range_method)
+        rows, scale, zero_point = self.weight_grid(range_method)
         if hessian is not None:
-            rows = gptq_quantize(rows, hessian.to(rows.device), scale.reshape(-1), zero_point.reshape(-1),
-                                 self.weight_bits)
-        codes = uniform.quantize(rows, scale, zero_point, self.weight_bits)
+            rows = gptq_quantize(rows, hessian.to(rows.device), scale, zero_point, self.weight_bits)
+        self.store(rows, scale, zero_point)
+
+    def weight_grid(self, range_method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(float weight rows [out, in·k·k], scale [out], zero_point [out]) before rounding."""
+        rows = self.weight.detach().float().reshape(self.weight.shape[0], -1)
+        scale, zero_point = estimate_range(rows, self.weight_bits, channel_axis=0, method=range_method)
+        return rows, scale.reshape(-1), zero_point.reshape(-1)
+
+    def store(self, rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Round `rows` onto the grid, pack the codes and drop the float weight (the layer becomes frozen)."""
+        weight = self.weight.detach()
+        codes = uniform.quantize(rows, scale[:, None], zero_point[:, None], self.weight_bits)
         del self.weight
         self._init_frozen(tuple(weight.shape), self.weight_bits, weight.device)
         self.qweight.copy_(packing.pack(codes.to(torch.uint8), self.weight_bits))
-        self.weight_scale.copy_(scale.reshape(-1))
-        self.weight_zero_point.copy_(zero_point.reshape(-1))
+        self.weight_scale.copy_(scale)
+        self.weight_zero_point.copy_(zero_point)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the layer computes with (cached; recomputed when the stored codes change)."""
