@@ -18,12 +18,14 @@ from .quantization.uniform import MAX_BITS, MIN_BITS
 QUANT_METHOD = "lrpq"
 
 # Bump when the on-disk layout changes in a way older readers cannot load.
-# 2: per-channel input quantizers of o_proj / fc2 / heads (`linear_input_granularity`); format 1 is per tensor.
+# 2: per-channel input quantizers of o_proj / fc2 (`linear_input_granularity`) and per-head q/k/v quantizers
+#    (`attention_granularity`); format 1 has both per tensor.
 FORMAT_VERSION = 2
 
 SOFTMAX_QUANTIZERS = ("auto", "log_sqrt2", "log2", "uniform")
 RANGE_METHODS = ("minmax", "percentile_mse", "mse")
 GRANULARITIES = ("per_tensor", "per_channel")
+ATTENTION_GRANULARITIES = ("per_tensor", "per_head")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 RELEVANCE_TARGETS = ("predicted", "label")
 CLIPPING_RULES = ("ccq_a", "ccq_b")
@@ -86,6 +88,9 @@ class LRPQConfig(QuantizationConfigMixin):
             post-GELU activations span ~10 with most values below 1, which one 6-bit step per tensor cannot resolve:
             per channel lifts real DINOv2-S at W6A6 from 92.9 % to 94.5 % (float 95.3; mean of 3 calibration draws)
             and W4A4 from 12 % to 58 % (benchmarks/README.md).
+        attention_granularity: grids of the attention operands q, k, v: "per_head" (default; one grid per head,
+            which still factors out of each head's matmuls) or "per_tensor" (RepQ-ViT). On real DINOv2-S at W4A4, the
+            4-bit per-tensor q and k are the bottleneck (8-bit q, k alone: 57 % -> 82 %); per head gives 72 %.
         fold_strength: how much of the per-channel ratios r_c the reparameterization folds into the next linear's
             weight columns (r_c^α; 1.0 is RepQ-ViT, 0.0 only re-centres the channels). A number in [0, 1], or a
             list of candidates in [0, 1]: then each LayerNorm gets the candidate with the least output error of its
@@ -134,6 +139,7 @@ class LRPQConfig(QuantizationConfigMixin):
         weight_rounding: str = "gptq",
         reparameterize: bool = True,
         linear_input_granularity: str | None = None,
+        attention_granularity: str | None = None,
         fold_strength: float | list[float] = 1.0,
         clipping: str | None = None,
         clipping_percentile: float = 0.999,
@@ -178,6 +184,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.weight_rounding = weight_rounding
         self.reparameterize = reparameterize
         self.linear_input_granularity = linear_input_granularity
+        self.attention_granularity = attention_granularity
         self.fold_strength = list(fold_strength) if isinstance(fold_strength, (list, tuple)) else fold_strength
         self.clipping = clipping
         self.clipping_percentile = clipping_percentile
@@ -228,6 +235,9 @@ class LRPQConfig(QuantizationConfigMixin):
         if self.linear_input_granularity is None:  # checkpoints of format 1 predate the option: per tensor
             self.linear_input_granularity = "per_tensor" if self.format_version < 2 else "per_channel"
         _check_choice(self.linear_input_granularity, "linear_input_granularity", GRANULARITIES)
+        if self.attention_granularity is None:  # format 1 predates the option: per tensor
+            self.attention_granularity = "per_tensor" if self.format_version < 2 else "per_head"
+        _check_choice(self.attention_granularity, "attention_granularity", ATTENTION_GRANULARITIES)
         _check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
         _check_choice(self.weight_range, "weight_range", RANGE_METHODS)
         _check_choice(self.activation_range, "activation_range", RANGE_METHODS)

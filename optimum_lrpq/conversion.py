@@ -112,7 +112,8 @@ def convert_model(
         if name in layer_bits:
             attention = model.get_submodule(name)
             device = "meta" if skeleton else _device_of(attention)
-            add_attention_quantizers(attention, bits(name, "activation"), config.softmax_quantizer, device=device)
+            add_attention_quantizers(attention, bits(name, "activation"), config.softmax_quantizer, device=device,
+                                     per_head=config.attention_granularity == "per_head")
             replaced[name] = attention
     return replaced
 

@@ -163,7 +163,7 @@ def render_model_card(
         f"- Base model: {base_text}",
         (f"- Method: LRP-QViT ({mode}), RepQ-ViT-style calibration: per-output-channel weights "
          f"({'GPTQ' if getattr(config, 'weight_rounding', 'nearest') == 'gptq' else 'round-to-nearest'} rounding), "
-         f"post-LayerNorm activations {_fold_text(config)}, {_input_text(config)}, {_softmax_text(config)} for "
+         f"post-LayerNorm activations {_fold_text(config)}, {_input_text(config)}, {_attention_text(config)}, {_softmax_text(config)} for "
          "attention probabilities; LayerNorm, softmax, GELU and residual adds stay in floating point"),
         f"- Budget: {budget}",
         (f"- Achieved: {summary['weight_bits']:.2f} average weight bits, {summary['activation_bits']:.2f} average "
@@ -277,6 +277,12 @@ def _input_text(config) -> str:
     if getattr(config, "linear_input_granularity", "per_tensor") == "per_channel":
         return "per-channel steps for the inputs of o_proj and fc2"
     return "per-tensor inputs of o_proj and fc2"
+
+
+def _attention_text(config) -> str:
+    if getattr(config, "attention_granularity", "per_tensor") == "per_head":
+        return "q, k, v with one grid per head"
+    return "q, k, v per tensor"
 
 
 def _softmax_text(config) -> str:

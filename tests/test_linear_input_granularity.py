@@ -1,4 +1,5 @@
-"""Per-channel input quantizers of o_proj / fc2 (`linear_input_granularity`): grids, checkpoints, old formats."""
+"""Finer activation grids: per-channel o_proj / fc2 inputs (`linear_input_granularity`) and per-head q/k/v
+(`attention_granularity`): grids, checkpoints, old formats."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.calibration import MIN_ROWS_PER_CHANNEL
-from optimum_lrpq.nn import QuantLinear
-from optimum_lrpq.quantization.uniform import scale_zero_point_from_range
+from optimum_lrpq.nn import PerHeadQuantizer, QuantLinear, UniformQuantizer
+from optimum_lrpq.quantization.uniform import fake_quantize, scale_zero_point_from_range
 
 # The tiny ViT has 17 tokens per image: 64 images give 1088 rows, enough for a range per channel.
 ENOUGH_IMAGES = -(-MIN_ROWS_PER_CHANNEL // 17)
@@ -89,14 +90,59 @@ def test_per_channel_checkpoint_reloads_bit_identical(tmp_path):
 
 def test_format_1_checkpoint_without_the_field_loads_per_tensor(tmp_path):
     """Checkpoints written before the option existed (format 1) had per-tensor inputs and no field for it."""
-    model = quantize(pixels(ENOUGH_IMAGES), linear_input_granularity="per_tensor")
+    model = quantize(pixels(ENOUGH_IMAGES), linear_input_granularity="per_tensor", attention_granularity="per_tensor")
     model.save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
     del config["quantization_config"]["linear_input_granularity"]
+    del config["quantization_config"]["attention_granularity"]
     config["quantization_config"]["format_version"] = 1
     path.write_text(json.dumps(config))
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     x = pixels(4, seed=7)
     assert loaded.config.quantization_config.linear_input_granularity == "per_tensor"
+    assert loaded.config.quantization_config.attention_granularity == "per_tensor"
     assert torch.equal(logits(loaded, x), logits(model, x))
+
+
+# ---- per-head q/k/v grids (`attention_granularity`)
+
+
+def test_attention_granularity_default_and_old_formats():
+    assert LRPQConfig().attention_granularity == "per_head"
+    assert LRPQConfig(format_version=1).attention_granularity == "per_tensor"
+    with pytest.raises(ValueError, match=r"attention_granularity must be one of \['per_tensor', 'per_head'\]"):
+        LRPQConfig(attention_granularity="per_token")
+
+
+def test_per_head_grid_is_each_heads_float_calibration_range():
+    calibration = pixels(ENOUGH_IMAGES)
+    float_model, seen = build("vit"), []
+    q_proj = float_model.get_submodule("vit.layers.1.attention.q_proj")
+    handle = q_proj.register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        float_model(pixel_values=calibration)
+    handle.remove()
+    heads = float_model.config.num_attention_heads
+    per_head = torch.cat(seen).reshape(-1, heads, float_model.config.hidden_size // heads)  # tokens, heads, dim
+    low, high = per_head.transpose(0, 1).reshape(heads, -1).aminmax(dim=1)
+    scale, zero_point = scale_zero_point_from_range(low, high, 4)
+    attention = quantize(calibration).get_submodule("vit.layers.1.attention")
+    assert isinstance(attention.q_quant, PerHeadQuantizer)
+    torch.testing.assert_close(attention.q_quant.scale, scale)
+    torch.testing.assert_close(attention.q_quant.zero_point, zero_point)
+    # Each head is quantized on its own grid: head 0's values only depend on head 0's scale.
+    q = torch.randn(2, heads, 5, 8)
+    expected = torch.stack([fake_quantize(q[:, h], scale[h], zero_point[h], 4) for h in range(heads)], dim=1)
+    torch.testing.assert_close(attention.q_quant(q), expected)
+
+
+def test_per_head_checkpoint_reloads_bit_identical_and_per_tensor_option(tmp_path):
+    model = quantize(pixels(ENOUGH_IMAGES))
+    x = pixels(4, seed=7)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert isinstance(loaded.get_submodule("vit.layers.0.attention").k_quant, PerHeadQuantizer)
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    plain = quantize(pixels(ENOUGH_IMAGES), attention_granularity="per_tensor").get_submodule("vit.layers.0.attention")
+    assert type(plain.v_quant) is UniformQuantizer and plain.v_quant.scale.shape == (1,)

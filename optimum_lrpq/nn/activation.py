@@ -43,6 +43,20 @@ class UniformQuantizer(nn.Module):
         return f"bits={self.bits}, {'per_channel' if self.per_channel else 'per_tensor'}"
 
 
+class PerHeadQuantizer(UniformQuantizer):
+    """One uniform grid per attention head for the operands q, k, v ([batch, heads, tokens, head_dim]).
+
+    Each head's q·kᵀ and probabilities·v is its own matmul, so one scale per head still factors out of the integer
+    product; it keeps a head with outlier channels from coarsening every other head's grid.
+    """
+
+    def __init__(self, bits: int, heads: int, device: torch.device | str | None = None):
+        super().__init__(bits, channels=heads, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, -1)).transpose(1, -1)
+
+
 class LogQuantizer(nn.Module):
     """Log-family quantizer for post-softmax probabilities (values in [0, 1]): log√2 or log2 levels below `scale`."""
 

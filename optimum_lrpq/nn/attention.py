@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activation import LogQuantizer, UniformQuantizer
+from .activation import LogQuantizer, PerHeadQuantizer, UniformQuantizer
 
 ATTENTION_KEY = "lrpq"
 QUANTIZER_NAMES = ("q_quant", "k_quant", "v_quant", "softmax_quant")
@@ -31,10 +31,13 @@ def resolve_softmax_quantizer(softmax_quantizer: str, bits: int) -> str:
     return "uniform" if bits >= UNIFORM_SOFTMAX_FROM_BITS else "log_sqrt2"
 
 
-def add_attention_quantizers(attention: nn.Module, bits: int, softmax_quantizer: str, device=None) -> None:
-    """Attach q/k/v (uniform, per tensor) and post-softmax quantizers to an attention module."""
+def add_attention_quantizers(attention: nn.Module, bits: int, softmax_quantizer: str, device=None,
+                             per_head: bool = False) -> None:
+    """Attach q/k/v (uniform, per tensor or per head) and post-softmax quantizers to an attention module."""
     for name in ("q_quant", "k_quant", "v_quant"):
-        setattr(attention, name, UniformQuantizer(bits, device=device))
+        quant = (PerHeadQuantizer(bits, attention.num_attention_heads, device=device) if per_head
+                 else UniformQuantizer(bits, device=device))
+        setattr(attention, name, quant)
     softmax_quantizer = resolve_softmax_quantizer(softmax_quantizer, bits)
     if softmax_quantizer == "uniform":
         attention.softmax_quant = UniformQuantizer(bits, device=device)
