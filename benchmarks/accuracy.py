@@ -144,9 +144,11 @@ ROWS: list[Row] = [
     lrpq(4, 8, fold_strength=0.5),
     lrpq(4, 8, weight_rounding="nearest", fold_strength=0.5),
     lrpq(4, 8, weight_rounding="nearest", fold_strength=FOLD_SEARCH),
-    # the defaults before: per-tensor o_proj/fc2 inputs (RepQ-ViT), log√2 probabilities at 8 bits
+    # the defaults before: per-tensor o_proj/fc2 inputs and q/k/v (RepQ-ViT), log√2 probabilities at 8 bits
     lrpq(6, 6, linear_input_granularity="per_tensor"),
     lrpq(4, 4, linear_input_granularity="per_tensor"),
+    lrpq(6, 6, attention_granularity="per_tensor"),
+    lrpq(4, 4, attention_granularity="per_tensor"),
     lrpq(8, 8, softmax_quantizer="log_sqrt2"),
     lrpq(4, 8, softmax_quantizer="log_sqrt2"),
     # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
