@@ -501,7 +501,9 @@ def _run_demo(args) -> int:
     float_model = load_model(MODEL_DIR)
     float_result = evaluate_classifier(float_model, digits["test"], image_processor=processor, batch_size=100,
                                        desc="Evaluating float")
-    config = LRPQConfig(weight_bits=4, activation_bits=4, mixed_precision=True)
+    # All 64 shipped training digits: with 17 tokens per image, 32 would be too few tokens for per-channel ranges.
+    config = LRPQConfig(weight_bits=4, activation_bits=4, mixed_precision=True,
+                        num_calibration_samples=len(digits["train"]))
     qmodel = _quantize(load_model(MODEL_DIR), config, digits["train"], processor, "image")
     q_result = evaluate_classifier(qmodel, digits["test"], image_processor=processor, batch_size=100,
                                    desc="Evaluating quantized")
