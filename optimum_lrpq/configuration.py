@@ -82,9 +82,11 @@ class LRPQConfig(QuantizationConfigMixin):
             a few seconds more; on real pretrained DINOv2-S it turns W4A8 from 52 % into 93 % (benchmarks/README.md).
         reparameterize: fold per-channel post-LayerNorm quantization into the LayerNorm affine and the next
             linear (RepQ-ViT), so inference uses one per-tensor quantizer.
-        linear_input_granularity: input quantizers of the linears not fed by a LayerNorm (o_proj, fc2, heads):
-            "per_channel" (default; one step per input channel, applied where the producer's output - GELU, the
-            attention product - is requantized, so the kernel stays integer) or "per_tensor" (RepQ-ViT). DINOv2's
+        linear_input_granularity: input quantizers of o_proj and fc2 (the block linears not fed by a LayerNorm;
+            classifier heads keep one range, they see one token per image): "per_channel" (default; one step per
+            input channel, applied where the producer's output - GELU, the attention product - is requantized, so
+            the kernel stays integer; needs >= 1024 calibration tokens, else the channels share one range) or
+            "per_tensor" (RepQ-ViT). DINOv2's
             post-GELU activations span ~10 with most values below 1, which one 6-bit step per tensor cannot resolve:
             per channel lifts real DINOv2-S at W6A6 from 92.9 % to 94.5 % (float 95.3; mean of 3 calibration draws)
             and W4A4 from 12 % to 58 % (benchmarks/README.md).

@@ -105,8 +105,9 @@ def convert_model(
     per_channel_inputs = config.linear_input_granularity == "per_channel"
     for name in layout.linears:
         if name in layer_bits:
+            per_channel = per_channel_inputs and name not in layout.heads
             replaced[name] = _replace_linear(model, name, bits(name, "weight"), bits(name, "activation"), False,
-                                             skeleton, input_per_channel=per_channel_inputs and name not in layout.heads)
+                                             skeleton, input_per_channel=per_channel)
 
     for name in layout.attentions:
         if name in layer_bits:

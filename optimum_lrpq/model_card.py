@@ -163,7 +163,8 @@ def render_model_card(
         f"- Base model: {base_text}",
         (f"- Method: LRP-QViT ({mode}), RepQ-ViT-style calibration: per-output-channel weights "
          f"({'GPTQ' if getattr(config, 'weight_rounding', 'nearest') == 'gptq' else 'round-to-nearest'} rounding), "
-         f"post-LayerNorm activations {_fold_text(config)}, {_input_text(config)}, {_attention_text(config)}, {_softmax_text(config)} for "
+         f"post-LayerNorm activations {_fold_text(config)}, {_input_text(config)}, {_attention_text(config)}, "
+         f"{_softmax_text(config)} for "
          "attention probabilities; LayerNorm, softmax, GELU and residual adds stay in floating point"),
         f"- Budget: {budget}",
         (f"- Achieved: {summary['weight_bits']:.2f} average weight bits, {summary['activation_bits']:.2f} average "
