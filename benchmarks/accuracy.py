@@ -29,7 +29,7 @@ import shlex
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -126,11 +126,14 @@ ROWS: list[Row] = [
     lrpq(3, 3, mixed_precision=True, allocation="sensitivity"),
     lrpq(3, 3, mixed_precision=True, allocation="random"),
     lrpq(3, 3, mixed_precision=True, allocation="magnitude"),
-    # relevance score of the lrp allocation (default "linear_abs")
+    # relevance score of the lrp allocation (default "operands")
+    lrpq(6, 6, mixed_precision=True, relevance_score="linear_abs"),
     lrpq(6, 6, mixed_precision=True, relevance_score="branch"),
     lrpq(6, 6, mixed_precision=True, relevance_score="weight"),
+    lrpq(4, 4, mixed_precision=True, relevance_score="linear_abs"),
     lrpq(4, 4, mixed_precision=True, relevance_score="branch"),
     lrpq(4, 4, mixed_precision=True, relevance_score="weight"),
+    lrpq(3, 3, mixed_precision=True, relevance_score="linear_abs"),
     lrpq(3, 3, mixed_precision=True, relevance_score="branch"),
     lrpq(3, 3, mixed_precision=True, relevance_score="weight"),
     # weight rounding: GPTQ (the default) vs round-to-nearest (RepQ-ViT, the default before)
@@ -250,14 +253,29 @@ class Result:
 
 def run_row_over_draws(float_model: nn.Module, row: Row, calibrations: list[torch.Tensor], pixels: torch.Tensor,
                        labels: torch.Tensor) -> Result:
-    """`run_row` once per calibration draw (once for the float row); accuracy is the mean over the draws."""
-    results = [run_row(float_model, row, c, pixels, labels) for c in calibrations[:1 if row.method == "float" else None]]
+    """`run_row` once per calibration draw (once for the float row); accuracy is the mean over the draws.
+
+    A random allocation is drawn again for every calibration draw (seed = draw index), so its mean is the expected
+    accuracy of a random allocation, not that of one lucky or unlucky draw.
+    """
+    draws = calibrations[:1 if row.method == "float" else None]
+    results = [run_row(float_model, _redrawn(row, i), c, pixels, labels) for i, c in enumerate(draws)]
     failed = next((r for r in results if r.accuracy is None), None)
     if failed is not None or len(results) == 1:
         return failed or results[0]
     accuracies = tuple(r.accuracy for r in results)
     return Result(row, sum(accuracies) / len(accuracies), None, sum(r.quantize_seconds for r in results) / len(results),
                   sum(r.eval_seconds for r in results) / len(results), accuracies)
+
+
+def _matches(pattern: str, text: str) -> bool:
+    return pattern[:-1] == text if pattern.endswith("$") else pattern in text
+
+
+def _redrawn(row: Row, draw: int) -> Row:
+    if row.options.get("allocation") == "random" and "seed" not in row.options:
+        return replace(row, options={**row.options, "seed": draw})
+    return row
 
 
 def run_row(float_model: nn.Module, row: Row, calibration: torch.Tensor, pixels: torch.Tensor,
@@ -337,7 +355,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="seeds of the calibration draws; with several, each row reports the mean and each draw")
     parser.add_argument("--rows", nargs="+", default=None,
-                        help="only rows whose 'bits method options' text contains one of these substrings")
+                        help="only rows whose 'bits method options' text contains one of these substrings (one ending "
+                             "in '$' must match the whole text)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--markdown", type=Path, default=None, help="also write the tables as Markdown here")
     args = parser.parse_args()
@@ -346,7 +365,7 @@ def main() -> None:
     rows = [r for r in ROWS if r.quick or not args.quick]
     if args.rows:
         rows = [r for r in rows if r.method == "float"
-                or any(part in f"{r.bits} {r.method} {r.description}" for part in args.rows)]
+                or any(_matches(part, f"{r.bits} {r.method} {r.description}") for part in args.rows)]
 
     command = shlex.join(["python", *sys.argv])
     started = datetime.datetime.now()

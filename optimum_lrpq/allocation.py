@@ -10,16 +10,25 @@ layers get more bits. The problem is a multiple-choice knapsack with one or two 
 
 Objective (why not "maximise Σ score·bits"): a linear utility of bits makes the knapsack push layers to the
 extreme candidates. Instead the cost is an expected quantization error: uniform quantization noise has variance
-∝ 2^(−2b) = 4^(−b), weighted by the layer's normalised relevance ĉ_ℓ and its share ω_ℓ of the budget::
+∝ 2^(−2b) = 4^(−b). How a score weights it depends on what the score measures:
 
-    cost_ℓ(b) = ĉ_ℓ · ω_ℓ · 4^(−b)   [+ ĉ_ℓ · sensitivity_weight · S_ℓ(b) with a sensitivity table]
+* per-element scores (default, ``scores_are_totals=False``; e.g. a squared weight range): a layer's noise grows
+  with its size, so the cost is weighted by the layer's share ω_ℓ of the budget::
 
-Weighting by ω_ℓ (the layer's share of the parameters / MACs) makes the marginal gain of one bit per budget unit
-independent of layer size, so a layer is not favoured merely because it is cheap: the allocation follows relevance
-only, equal scores give the uniform allocation whenever the budget is a candidate (Jensen: 4^(−b) is strictly
-convex), and higher relevance means more bits (≈ b̄ + ½·log2 of the relevance ratio). Without a sensitivity table
-the optimum is monotone: of two layers with identical sizes, the one with the higher score never gets fewer bits
-(swapping their bits would strictly lower the cost).
+      cost_ℓ(b) = ĉ_ℓ · ω_ℓ · 4^(−b)   [+ ĉ_ℓ · sensitivity_weight · S_ℓ(b) with a sensitivity table]
+
+  The marginal gain of one bit per budget unit is then independent of layer size: the allocation follows the
+  scores only, equal scores give the uniform allocation whenever the budget is a candidate (Jensen: 4^(−b) is
+  strictly convex), and higher scores mean more bits (≈ b̄ + ½·log2 of the score ratio). Without a sensitivity
+  table the optimum is monotone: of two layers with identical sizes, the one with the higher score never gets
+  fewer bits (swapping their bits would strictly lower the cost).
+* total scores (``scores_are_totals=True``; LRP relevance: the share of the prediction that flows through the
+  tensors a layer quantizes, whatever the layer's size): quantizing them perturbs that share by a relative noise
+  ~4^(−b), so ``cost_ℓ(b) = ĉ_ℓ · 4^(−b)`` while a bit still costs ω_ℓ of the budget. The optimum is
+  b_ℓ ≈ const + ½·log2(ĉ_ℓ / ω_ℓ): relevance per unit of budget decides, so a small layer carrying much
+  relevance (a classifier head, Swin's patch merging, a q/k/v group whose bits also set the attention operands)
+  gets more bits. This is the per-element case with scores ĉ_ℓ / ω_ℓ, so all its properties carry over to
+  equal relevance densities.
 
 * ``couple=True``: a layer's weight and activation bits are equal, ω_ℓ = (n_ℓ/Σn + m_ℓ/Σm)/2, and both
   constraints apply.
@@ -599,7 +608,7 @@ def _primary(
     sens: list[list[Fraction]] | None,
     sens_weight: Fraction,
 ) -> list[list[Fraction]]:
-    """ĉ_ℓ·(ω_ℓ·4^(−b) + weight·S_ℓ(b)): relevance-weighted expected quantization error."""
+    """ĉ_ℓ·(ω_ℓ·4^(−b) + weight·S_ℓ(b)): relevance-weighted expected quantization error (ω_ℓ = 1 for totals)."""
     rows = []
     for i, (c, share) in enumerate(zip(scores, shares, strict=True)):
         row = []
@@ -623,6 +632,7 @@ def allocate_bits(
     sensitivity: Mapping[str, Mapping[int, float]] | None = None,
     sensitivity_weight: float = 1.0,
     fixed: Mapping[str, tuple[int, int]] | None = None,
+    scores_are_totals: bool = False,
 ) -> Allocation:
     """Optimal per-layer (weight_bits, activation_bits) under parameter- and MAC-weighted average-bit budgets.
 
@@ -638,6 +648,8 @@ def allocate_bits(
             candidate must be present for every free layer. Adds ``score·sensitivity_weight·S(b)`` to the cost.
         sensitivity_weight: weight of the sensitivity term relative to the relevance term.
         fixed: layers pinned to ``(weight_bits, activation_bits)``; they count towards the budgets.
+        scores_are_totals: the scores are whole-layer totals (LRP relevance), not per-element quantities: the
+            expected error is ``score·4^(−b)`` instead of ``score·share·4^(−b)`` (see the module docstring).
 
     Returns:
         ``name -> (weight_bits, activation_bits)`` for every layer in ``costs``, in the order of ``costs``.
@@ -673,18 +685,21 @@ def allocate_bits(
     n_tot, m_tot = sum(n_all), sum(m_all)
     w_share = [Fraction(n, n_tot) for n in n_free]
     a_share = [Fraction(m, m_tot) for m in m_free]
+    # Totals: the error does not scale with the layer's share of the budget (the constraints still do).
+    error_w = [Fraction(1)] * len(free) if scores_are_totals else w_share
+    error_a = [Fraction(1)] * len(free) if scores_are_totals else a_share
 
     result: dict[str, tuple[int, int]] = {}
     if couple:
-        shares = [(wn + am) / 2 for wn, am in zip(w_share, a_share, strict=True)]
+        shares = [(wn + am) / 2 for wn, am in zip(error_w, error_a, strict=True)]
         primary = _primary(c_hat, shares, bits, sens, Fraction(sens_weight))
         problem = _knapsack(primary, bits, min(w_budget, a_budget), [(n_free, cap_w), (m_free, cap_a)])
         chosen = _solve(problem)
         result = {name: (bits[j], bits[j]) for name, j in zip(names, chosen, strict=True)}
     else:
         half = Fraction(sens_weight) / 2  # the table was measured with weights and activations both at b bits
-        primary_w = _primary(c_hat, w_share, bits, sens, half)
-        primary_a = _primary(c_hat, a_share, bits, sens, half)
+        primary_w = _primary(c_hat, error_w, bits, sens, half)
+        primary_a = _primary(c_hat, error_a, bits, sens, half)
         chosen_w = _solve(_knapsack(primary_w, bits, w_budget, [(n_free, cap_w)]))
         chosen_a = _solve(_knapsack(primary_a, bits, a_budget, [(m_free, cap_a)]))
         result = {name: (bits[jw], bits[ja]) for name, jw, ja in zip(names, chosen_w, chosen_a, strict=True)}

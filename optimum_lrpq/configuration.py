@@ -31,7 +31,7 @@ RELEVANCE_TARGETS = ("predicted", "label")
 CLIPPING_RULES = ("ccq_a", "ccq_b")
 ALLOCATIONS = ("lrp", "lrp_sensitivity", "sensitivity", "uniform", "random", "magnitude")
 SENSITIVITY_METRICS = ("kl", "mse")
-RELEVANCE_SCORES = ("linear_abs", "branch", "weight")
+RELEVANCE_SCORES = ("linear_abs", "operands", "branch", "weight")
 RELEVANCE_RULES = ("chefer", "epsilon")
 
 
@@ -108,9 +108,13 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_batch_size: micro-batch size of the calibration passes.
         seed: seed for any sampling done during calibration.
         relevance_target: start relevance at the "predicted" class or at the "label".
-        relevance_score: per-layer contribution score: "linear_abs" (Σ|R| at the layer input), "branch" or "weight".
+        relevance_score: per-layer contribution score: "operands" (default; Σ|R| over every tensor quantized at the
+            layer's bits: its input, and for q/k/v also q, k, v and the attention probabilities, which take the
+            q/k/v bits), "linear_abs" (Σ|R| at the layer input), "branch" or "weight".
         relevance_rule: LRP rule set, "chefer" (Chefer et al. 2021) or "epsilon".
-        allocation: how mixed precision picks bits: "lrp" (relevance, the method); "lrp_sensitivity" (Mix-QViT:
+        allocation: how mixed precision picks bits: "lrp" (relevance, the method: a unit's relevance is the share of
+            the prediction its quantized tensors carry, so the expected error is relevance x 4^-bits and bits follow
+            relevance per unit of budget, see `optimum_lrpq.allocation`); "lrp_sensitivity" (Mix-QViT:
             relevance times the measured per-unit sensitivity, see `optimum_lrpq.sensitivity`); or the baselines
             "sensitivity" (measured sensitivity alone), "uniform", "random" (a random feasible allocation) and
             "magnitude" (weight-range sensitivity).
@@ -151,7 +155,7 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_batch_size: int = 8,
         seed: int = 0,
         relevance_target: str = "predicted",
-        relevance_score: str = "linear_abs",
+        relevance_score: str = "operands",
         relevance_rule: str = "chefer",
         allocation: str = "lrp",
         num_sensitivity_samples: int = 8,

@@ -5,6 +5,11 @@ v read the same post-LayerNorm output, so each LayerNorm group (q/k/v, fc1, Swin
 cost and score are the sums of its layers'. o_proj, fc2 and the heads are units of their own. The attention
 operands (q, k, v, probabilities) of a block take the bits of its q/k/v unit.
 
+Scores. "lrp" passes the relevance as whole-unit totals (`allocate_bits(scores_are_totals=True)`): relevance is the
+share of the prediction flowing through the tensors a unit quantizes, whatever the unit's size, so bits follow
+relevance per unit of budget. "magnitude" scores are per-weight noise powers and the sensitivity allocations carry a
+measured table; they keep the per-element form.
+
 The patch embedding keeps `weight_bits` weights and its `patch_embedding_input_bits` input (RepQ-ViT keeps the
 image at 8 bits) and is left out of the budgets, which apply to every other quantized layer.
 """
@@ -154,7 +159,8 @@ def choose_layer_bits(
             table = {unit.name: sensitivity[unit.name] for unit in units}
         allocation = allocate_bits(scores, costs, weight_budget=config.weight_bits,
                                    activation_budget=config.activation_bits, candidate_bits=candidates, couple=couple,
-                                   sensitivity=table, sensitivity_weight=config.sensitivity_weight)
+                                   sensitivity=table, sensitivity_weight=config.sensitivity_weight,
+                                   scores_are_totals=config.allocation == "lrp")
     return _expand(allocation, units, layout, uniform_bits)
 
 

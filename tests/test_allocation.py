@@ -272,6 +272,52 @@ def test_deterministic():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# total scores (LRP relevance): error c·4^-b, bits follow relevance per unit of budget
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("couple", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_total_scores_equal_per_element_scores_divided_by_the_budget_share(seed, couple):
+    costs = swin_costs()
+    scores = dirichlet_scores(costs, seed)
+    n, m = sum(c.num_weights for c in costs), sum(c.num_macs for c in costs)
+    if couple:
+        share = {c.name: Fraction(c.num_weights, n) / 2 + Fraction(c.num_macs, m) / 2 for c in costs}
+        per_element = {k: float(Fraction(v) / share[k]) for k, v in scores.items()}
+        expected = allocate_bits(per_element, costs, weight_budget=4, activation_budget=4.5, couple=True)
+    else:  # each half is its own knapsack with its own share
+        w_scores = {c.name: float(Fraction(scores[c.name]) / Fraction(c.num_weights, n)) for c in costs}
+        a_scores = {c.name: float(Fraction(scores[c.name]) / Fraction(c.num_macs, m)) for c in costs}
+        w = allocate_bits(w_scores, costs, weight_budget=4, activation_budget=4.5, couple=False)
+        a = allocate_bits(a_scores, costs, weight_budget=4, activation_budget=4.5, couple=False)
+        expected = {name: (w[name][0], a[name][1]) for name in w}
+    got = allocate_bits(scores, costs, weight_budget=4, activation_budget=4.5, couple=couple, scores_are_totals=True)
+    assert got == expected
+    assert within_budget(got, costs, 4, 4.5)
+
+
+def test_total_scores_give_a_small_layer_with_the_same_relevance_more_bits():
+    # Same relevance, 1/16 of the size: a bit there costs 1/16 as much.
+    costs = [LayerCost(f"big{i}", 16000, 160000) for i in range(4)] + [LayerCost(f"small{i}", 1000, 10000)
+                                                                       for i in range(4)]
+    scores = {c.name: 1.0 for c in costs}
+    per_element = allocate_bits(scores, costs, weight_budget=4, activation_budget=4)
+    assert per_element == uniform_bits(costs, 4, 4)
+    totals = allocate_bits(scores, costs, weight_budget=4, activation_budget=4, scores_are_totals=True)
+    assert min(totals[f"small{i}"][0] for i in range(4)) > max(totals[f"big{i}"][0] for i in range(4))
+    assert within_budget(totals, costs, 4, 4)
+
+
+def test_total_scores_proportional_to_size_give_uniform():
+    costs = vit_costs()
+    n, m = sum(c.num_weights for c in costs), sum(c.num_macs for c in costs)
+    scores = {c.name: c.num_weights / n + c.num_macs / m for c in costs}
+    got = allocate_bits(scores, costs, weight_budget=4, activation_budget=4, scores_are_totals=True)
+    assert got == uniform_bits(costs, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # degenerate cases
 # ----------------------------------------------------------------------------------------------------------------
 

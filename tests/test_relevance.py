@@ -22,11 +22,12 @@ from optimum_lrpq.relevance import (
     ATTENTION_KEY,
     SUPPORTED_MODELS,
     compute_relevance,
+    layer_scores,
     quantizable_layers,
     relevance_trace,
 )
 from optimum_lrpq.relevance import rules as R
-from optimum_lrpq.relevance.attention import ACTIVE_RULES, relevance_attention_forward
+from optimum_lrpq.relevance.attention import ACTIVE_PROBABILITY_RECORDER, ACTIVE_RULES, relevance_attention_forward
 
 T = torch.tensor
 
@@ -213,6 +214,30 @@ def test_attention_function_matches_eager_in_and_out_of_a_pass():
     tensor_close(r_k.sum(), 0.25 * rel.sum(), tol=1e-4)
 
 
+def test_attention_function_reports_the_relevance_of_the_probabilities():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    module = nn.Module().eval()
+    seen = []
+    tokens = ACTIVE_RULES.set(R.CheferRules()), ACTIVE_PROBABILITY_RECORDER.set(lambda m, r: seen.append((m, r)))
+    try:
+        out, probs = relevance_attention_forward(module, q, k, v, None, scaling=0.5)
+        rel = torch.rand_like(out)
+        r_q, r_k, _ = torch.autograd.grad(out, [q, k, v], rel)
+    finally:
+        ACTIVE_RULES.reset(tokens[0])
+        ACTIVE_PROBABILITY_RECORDER.reset(tokens[1])
+    assert len(seen) == 1 and seen[0][0] is module
+    r_probs = seen[0][1]
+    assert r_probs.shape == probs.shape
+    # By hand: the matmul rule gives A @ v's operand A the relevance A_ij v_jd / z_id R_id, halved.
+    z = probs @ v.detach()
+    expected = 0.5 * probs * ((rel.transpose(1, 2) / z) @ v.detach().transpose(-1, -2))
+    tensor_close(r_probs, expected, tol=1e-4)
+    # ... and all of it passes on to q and k.
+    tensor_close(r_q.sum() + r_k.sum(), r_probs.sum(), tol=1e-4)
+
+
 # --------------------------------------------------------------------------------------------- conservation
 
 
@@ -267,7 +292,7 @@ def test_label_target_and_predicted_target_agree_when_labels_are_predictions():
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_scores_cover_every_quantizable_layer(name):
     model = realistic(name)
-    for score, rule in [("linear_abs", "chefer"), ("branch", "chefer"), ("weight", "epsilon")]:
+    for score, rule in [("operands", "chefer"), ("linear_abs", "chefer"), ("branch", "chefer"), ("weight", "epsilon")]:
         scores = compute_relevance(model, [pixels(3)], score=score, rule=rule)
         # Exactly the adapter layout's quantizable weight layers, in named_modules() order.
         weight_layers = get_adapter(model).layout(model).weight_layers()
@@ -283,6 +308,25 @@ def test_scores_cover_every_quantizable_layer(name):
         assert "swin.encoder.layers.0.downsample.reduction" in scores
 
 
+@pytest.mark.parametrize("name", ["vit", "swin", "dinov2"])
+def test_operand_relevance_is_recorded_on_q_k_v_only(name):
+    model = realistic(name)
+    trace = relevance_trace(model, [pixels(3)])
+    layout = get_adapter(model).layout(model)
+    qkv = {n for block in layout.blocks for n in block.attention_linears[:3]}
+    assert qkv and qkv <= set(trace.layers)
+    for layer in trace.layers:
+        values = trace.operand_abs[layer]
+        assert values.shape == (3,)
+        assert bool((values > 0).all()) if layer in qkv else bool((values == 0).all()), layer
+    scores = compute_relevance(model, [pixels(3)], score="operands")
+    by_hand = layer_scores(trace, "linear_abs")  # same images: the operands score adds operand_abs per image
+    totals = torch.stack([trace.layer_abs[n] + trace.operand_abs[n] for n in trace.layers], 1)
+    shares = (totals / totals.sum(1, keepdim=True)).mean(0)
+    assert scores == pytest.approx(dict(zip(trace.layers, shares.tolist(), strict=True)), abs=1e-9)
+    assert scores != pytest.approx(by_hand, abs=1e-6)
+
+
 def test_branch_score_gives_a_branch_one_value():
     scores = compute_relevance(realistic("vit"), [pixels(2)], score="branch")
     attention = {scores[f"vit.layers.0.attention.{p}_proj"] for p in "qkvo"}
@@ -295,7 +339,8 @@ def test_deterministic():
     assert compute_relevance(model, [x]) == compute_relevance(model, [x])
 
 
-@pytest.mark.parametrize(("name", "score"), [("vit", "linear_abs"), ("swin", "linear_abs"),
+@pytest.mark.parametrize(("name", "score"), [("vit", "linear_abs"), ("swin", "linear_abs"), ("swin", "operands"),
+                                             ("dinov2", "operands"),
                                              ("deit_teacher", "branch"), ("swin", "weight"),
                                              ("dinov2", "linear_abs"), ("dinov2", "weight")])
 def test_batching_does_not_change_the_result(name, score):

@@ -101,7 +101,7 @@ def compute_relevance(
     *,
     target: str = "predicted",
     labels: Iterable[Tensor] | None = None,
-    score: str = "linear_abs",
+    score: str = "operands",
     rule: str = "chefer",
     show_progress: bool = False,
 ) -> dict[str, float]:
@@ -118,8 +118,10 @@ def compute_relevance(
         target: ``"predicted"`` starts relevance (one-hot, value 1) at the predicted class; ``"label"`` at
             ``labels``. With two heads (DeiT with teacher) each head starts with 1/2.
         labels: one integer tensor of class indices per batch, for ``target="label"``.
-        score: ``"linear_abs"`` (sum |R| at each layer's input), ``"branch"`` (relevance entering the attention /
-            MLP branch, given to each of its layers) or ``"weight"`` (sum |R_ij| of per-weight relevance).
+        score: ``"operands"`` (default: sum |R| over every tensor quantized at the layer's bits: its input, and for
+            q/k/v_proj also q, k, v and the attention probabilities), ``"linear_abs"`` (sum |R| at each layer's
+            input), ``"branch"`` (relevance entering the attention / MLP branch, given to each of its layers) or
+            ``"weight"`` (sum |R_ij| of per-weight relevance).
         rule: ``"chefer"`` (Chefer et al. 2021: alpha1-beta0, z^B, half-split matmuls, renormalised residuals) or
             ``"epsilon"`` (LRP-eps).
         show_progress: show a tqdm bar over batches.

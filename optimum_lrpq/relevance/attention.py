@@ -8,6 +8,7 @@ equals transformers' eager attention; the relevance pass in progress is found th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 
 import torch
@@ -21,6 +22,10 @@ ATTENTION_KEY = "lrpq_relevance"
 
 ACTIVE_RULES: ContextVar[RuleSet | None] = ContextVar("lrpq_relevance_rules", default=None)
 """The rule set of the relevance pass in progress (None outside of one)."""
+
+ACTIVE_PROBABILITY_RECORDER: ContextVar[Callable[[nn.Module, Tensor], None] | None] = ContextVar(
+    "lrpq_probability_recorder", default=None)
+"""Called with (attention module, relevance of its probabilities) during a pass, if set."""
 
 
 def _eager(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
@@ -69,8 +74,12 @@ def relevance_attention_forward(
         r_q, r_kt = rules.matmul(q.float(), k.float().transpose(-1, -2), relevance.float())
         return r_q.to(q.dtype), r_kt.transpose(-1, -2).to(k.dtype)
 
+    recorder = ACTIVE_PROBABILITY_RECORDER.get()
+
     def output_rule(relevance: Tensor) -> tuple[Tensor, Tensor]:
         r_probs, r_v = rules.matmul(probs.float(), v.float(), relevance.float(), product)
+        if recorder is not None:
+            recorder(module, r_probs)
         return r_probs.to(probs.dtype), r_v.to(v.dtype)
 
     probs_in_graph = relay(scores_rule, probs, query, key)

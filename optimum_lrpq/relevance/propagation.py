@@ -42,7 +42,7 @@ from transformers import PretrainedConfig
 from transformers.utils import logging
 
 from ..models import ModelLayout, ResidualSite
-from .attention import ACTIVE_RULES, ATTENTION_KEY
+from .attention import ACTIVE_PROBABILITY_RECORDER, ACTIVE_RULES, ATTENTION_KEY
 from .layout import quantizable_layers, relevance_layout
 from .relay import identity, relay
 from .rules import RULE_SETS, ConvGeometry, RuleSet
@@ -68,7 +68,9 @@ class RelevanceTrace:
     """Per-image quantities of a relevance pass (tensors of shape [num_images], float64).
 
     layer_abs / layer_sum: sum |R| and sum R at each quantizable layer's input (0 for a layer relevance never
-    reached). layer_weight: sum |R_ij| of the per-weight relevance (only if requested). branch: sum R entering each
+    reached). operand_abs: sum |R| of the other tensors quantized at a layer's bits (q, k, v: the outputs of
+    q/k/v_proj, which the attention quantizes; the probabilities count with v_proj, the operand they multiply; 0
+    for every other layer). layer_weight: sum |R_ij| of the per-weight relevance (only if requested). branch: sum R entering each
     residual branch (site name -> values). block_in / block_out: total relevance at each block's input / output.
     start: total start relevance.
     """
@@ -78,6 +80,7 @@ class RelevanceTrace:
     blocks: tuple[str, ...]
     layer_abs: dict[str, Tensor]
     layer_sum: dict[str, Tensor]
+    operand_abs: dict[str, Tensor]
     layer_weight: dict[str, Tensor] | None
     branch: dict[str, Tensor]
     block_in: dict[str, Tensor]
@@ -107,6 +110,7 @@ class _Session:
     records: dict[str, dict[str, list[Tensor]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     heads: list[tuple[Tensor, float]] = field(default_factory=list)
     sites: dict[str, _SiteState] = field(default_factory=dict)
+    attention_names: dict[int, str] = field(default_factory=dict)  # id(attention module) -> name
 
     def _by_image(self, t: Tensor) -> tuple[Tensor, torch.dtype]:
         # Tensors are image-major (Swin's windows of one image are contiguous), so a reshape groups by image.
@@ -148,6 +152,7 @@ class _Session:
         exact = output.dtype in (torch.float32, torch.float64)
         r_in = self.rules.linear(x32, w32, b32, out32, r32, exact)
         self.record_input_relevance(name, r_in)
+        self.record("out_abs", name, self.per_image_abs(r32))
         if self.weight_scores:
             self.record("weight", name, self._linear_weight_totals(x32, w32, b32, out32, r32, exact))
         return (r_in.to(x.dtype),)
@@ -177,6 +182,11 @@ class _Session:
             ]
             self.record("weight", name, torch.stack(values).to(torch.float64))
         return (r_in.to(x.dtype),)
+
+    def record_probabilities(self, module: nn.Module, relevance: Tensor) -> None:
+        """Sum |R| of an attention module's probabilities (called from our attention function)."""
+        # Swin batches windows: [images * windows, heads, N, N] is still image-major, as per_image expects.
+        self.record("probs", self.attention_names[id(module)], self.per_image_abs(relevance))
 
     def pool_rule(self, x: Tensor, relevance: Tensor) -> tuple[Tensor]:
         return (self.rules.mean_pool(_f(x), _f(relevance)).to(x.dtype),)
@@ -335,6 +345,7 @@ def run_relevance_pass(
     """
     layout = relevance_layout(model)
     session = _Session(rules=RULE_SETS[rule](), weight_scores=weight_scores)
+    session.attention_names = {id(model.get_submodule(name)): name for name in layout.attentions}
     parameter = next(model.parameters())
     starts: list[Tensor] = []
     # The pass needs autograd even if the caller runs under no_grad / inference_mode.
@@ -344,6 +355,7 @@ def run_relevance_pass(
             pixels = pixel_values.detach().to(device=parameter.device, dtype=parameter.dtype).clone()
             pixels.requires_grad_(True)
             token = ACTIVE_RULES.set(session.rules)
+            recorder_token = ACTIVE_PROBABILITY_RECORDER.set(session.record_probabilities)
             try:
                 logits = model(pixel_values=pixels).logits.detach()
                 if target is None:
@@ -356,6 +368,7 @@ def run_relevance_pass(
                 torch.autograd.grad([out for out, _ in heads], [pixels], seeds)
             finally:
                 ACTIVE_RULES.reset(token)
+                ACTIVE_PROBABILITY_RECORDER.reset(recorder_token)
                 session.heads.clear()
             starts.append(torch.full((pixels.shape[0],), float(sum(s for _, s in heads)), dtype=torch.float64))
     trace = _collect(model, layout, session, starts)
@@ -389,12 +402,23 @@ def _collect(model: nn.Module, layout: ModelLayout, session: _Session, starts: l
         return out
 
     layers = quantizable_layers(model, layout)
+    operands = {name: torch.zeros(n, dtype=torch.float64) for name in layers}
+    outputs = gather("out_abs", layers)
+    probabilities = gather("probs", layout.attentions)
+    for block in layout.blocks:
+        q, k, v = block.attention_linears[:3]
+        for name in (q, k, v):
+            if name in operands:
+                operands[name] = outputs[name].clone()
+        if v in operands:
+            operands[v] += probabilities[block.attention]
     return RelevanceTrace(
         layers=layers,
         residuals=layout.residuals,
         blocks=layout.conservation_units,
         layer_abs=gather("abs", layers),
         layer_sum=gather("sum", layers),
+        operand_abs=operands,
         layer_weight=gather("weight", layers) if session.weight_scores else None,
         branch=gather("branch", [site.name for site in layout.residuals]),
         block_in=gather("block_in", layout.conservation_units),

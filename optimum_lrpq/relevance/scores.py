@@ -10,12 +10,22 @@ from torch import Tensor
 
 from .propagation import RelevanceTrace
 
-SCORES = ("linear_abs", "branch", "weight")
+SCORES = ("linear_abs", "operands", "branch", "weight")
 
 
 def _linear_abs(trace: RelevanceTrace) -> dict[str, Tensor]:
     """S-linear-abs: sum |R| at each layer's input."""
     return trace.layer_abs
+
+
+def _operands(trace: RelevanceTrace) -> dict[str, Tensor]:
+    """S-operands: sum |R| over every tensor quantized at the layer's bits: its input, and for q/k/v_proj also q, k,
+    v and (with v) the attention probabilities, which the attention quantizes at the q/k/v bits.
+
+    Each quantizer adds noise of relative power ~4^-b to the relevance flowing through the tensor it quantizes, so
+    a layer whose bits also set the attention operands' grids carries more of the quantization noise.
+    """
+    return {name: trace.layer_abs[name] + trace.operand_abs[name] for name in trace.layers}
 
 
 def _branch(trace: RelevanceTrace) -> dict[str, Tensor]:
@@ -38,7 +48,7 @@ def _weight(trace: RelevanceTrace) -> dict[str, Tensor]:
     return trace.layer_weight
 
 
-_REDUCERS = {"linear_abs": _linear_abs, "branch": _branch, "weight": _weight}
+_REDUCERS = {"linear_abs": _linear_abs, "operands": _operands, "branch": _branch, "weight": _weight}
 
 
 def normalized_scores(per_image: dict[str, Tensor]) -> dict[str, float]:
