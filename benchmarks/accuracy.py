@@ -154,6 +154,8 @@ ROWS: list[Row] = [
     lrpq(4, 4, attention_granularity="per_tensor"),
     lrpq(8, 8, softmax_quantizer="log_sqrt2"),
     lrpq(4, 8, softmax_quantizer="log_sqrt2"),
+    lrpq(6, 6, mlp_hidden_range="minmax"),
+    lrpq(4, 4, mlp_hidden_range="minmax"),
     # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
     lrpq(4, 4, activation_range="percentile_mse", quick=True),
     lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),

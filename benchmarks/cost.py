@@ -75,6 +75,8 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--mixed-precision", action="store_true")
     parser.add_argument("--range", choices=["minmax", "percentile_mse", "mse"], default=LRPQConfig().activation_range)
+    parser.add_argument("--mlp-hidden-range", choices=["minmax", "percentile_mse", "mse"],
+                        default=LRPQConfig().mlp_hidden_range)
     parser.add_argument("--weight-rounding", choices=["gptq", "nearest"], default=LRPQConfig().weight_rounding)
     parser.add_argument("--relevance-samples", type=int, default=LRPQConfig().num_relevance_samples,
                         help="images of the relevance pass (default: LRPQConfig's)")
@@ -100,7 +102,7 @@ def main() -> None:
         weight_bits=args.bits, activation_bits=args.bits, mixed_precision=args.mixed_precision,
         weight_range=args.range, activation_range=args.range, num_calibration_samples=args.images,
         calibration_batch_size=args.batch_size, num_relevance_samples=args.relevance_samples,
-        weight_rounding=args.weight_rounding,
+        weight_rounding=args.weight_rounding, mlp_hidden_range=args.mlp_hidden_range,
     ))
     if args.mixed_precision:
         print(f"relevance on the first {min(args.relevance_samples, args.images)} of the {args.images} images")

@@ -25,19 +25,41 @@ from .quantization.reparameterization import reparameterize, search_fold_strengt
 logger = logging.get_logger(__name__)
 
 
-def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int) -> list[ActivationObserver]:
+def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int,
+                     mlp_hidden: frozenset[int] = frozenset()) -> list[ActivationObserver]:
+    """An observer on every activation quantizer; those whose id is in `mlp_hidden` use `config.mlp_hidden_range`.
+
+    `mlp_hidden_range` clips within each channel; with too few tokens for per-channel ranges those quantizers fall
+    back to one tensor-level grid from `activation_range`, since a tensor-level clip would cut whole outlier channels
+    (on DINOv2-S they carry information).
+    """
     observers = []
     layernorm_quants = {id(m.out_quant) for m in model.modules() if isinstance(m, QuantLayerNorm)}
     for index, (name, module) in enumerate(model.named_modules()):
         if isinstance(module, (UniformQuantizer, LogQuantizer)):
             per_channel = isinstance(module, UniformQuantizer) and module.per_channel
-            keep = config.activation_range != "minmax" or (
+            mlp = id(module) in mlp_hidden
+            method = config.mlp_hidden_range if mlp else config.activation_range
+            keep = method != "minmax" or (
                 (config.clipping == "ccq_a" or _searches_fold(config)) and id(module) in layernorm_quants
             )
-            module.observer = ActivationObserver(name, per_channel, config.activation_range, num_batches,
-                                                 seed=config.seed + index, keep_samples=keep)
+            module.observer = ActivationObserver(name, per_channel, method, num_batches,
+                                                 seed=config.seed + index, keep_samples=keep,
+                                                 fallback_method=config.activation_range if mlp else None)
             observers.append(module.observer)
     return observers
+
+
+def mlp_hidden_quantizers(model: nn.Module, layout: ModelLayout) -> frozenset[int]:
+    """ids of the input quantizers of each block's last MLP linear (fc2: its input is the post-GELU hidden state)."""
+    found = set()
+    for block in layout.blocks:
+        if not block.mlp_linears:
+            continue
+        quant = getattr(model.get_submodule(block.mlp_linears[-1]), "input_quant", None)
+        if quant is not None:
+            found.add(id(quant))
+    return frozenset(found)
 
 
 def _searches_fold(config: LRPQConfig) -> bool:
@@ -248,7 +270,7 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
     `timings`, if given, receives the seconds spent in each stage.
     """
     timings = {} if timings is None else timings
-    attach_observers(model, config, len(batches))
+    attach_observers(model, config, len(batches), mlp_hidden_quantizers(model, layout))
     moments, handles = attach_moment_hooks(model, layout) if config.weight_rounding == "gptq" else ({}, [])
     try:
         start = time.perf_counter()

@@ -25,10 +25,13 @@ class NonFiniteActivationError(ValueError):
 
 class ActivationObserver:
     def __init__(self, name: str, per_channel: bool, method: str, num_batches: int, seed: int,
-                 max_samples: int = DEFAULT_MAX_SAMPLES, keep_samples: bool | None = None):
+                 max_samples: int = DEFAULT_MAX_SAMPLES, keep_samples: bool | None = None,
+                 fallback_method: str | None = None):
         self.name = name
         self.per_channel = per_channel
         self.method = method
+        # Range method of the tensor-level grid a per-channel observer falls back to with too few rows (None: `method`).
+        self.fallback_method = fallback_method
         # min/max needs no samples, unless the samples are clipped first (CCQ-a).
         self.keep_samples = method != "minmax" if keep_samples is None else keep_samples
         self.low: torch.Tensor | None = None
@@ -103,12 +106,13 @@ class ActivationObserver:
         return scale.reshape(-1), zero_point.reshape(-1)
 
     def _tensor_grid_for_channels(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.method == "minmax" or not self._samples:
+        method = self.fallback_method or self.method
+        if method == "minmax" or not self._samples:
             scale, zero_point = scale_zero_point_from_range(self.low.min().reshape(1).cpu(),
                                                             self.high.max().reshape(1).cpu(), bits)
         else:
             scale, zero_point = estimate_range(torch.cat(self._samples).reshape(-1), bits, channel_axis=None,
-                                               method=self.method)
+                                               method=method)
         channels = self.low.numel()
         return scale.reshape(1).expand(channels).clone(), zero_point.reshape(1).expand(channels).clone()
 

@@ -61,9 +61,24 @@ def test_per_channel_grid_is_each_channels_float_calibration_range():
     handle.remove()
     rows = torch.cat(seen)
     scale, zero_point = scale_zero_point_from_range(rows.amin(0), rows.amax(0), 4)
-    quant = quantize(calibration).get_submodule("vit.layers.0.mlp.fc2").input_quant
+    quant = quantize(calibration, mlp_hidden_range="minmax").get_submodule("vit.layers.0.mlp.fc2").input_quant
     torch.testing.assert_close(quant.scale, scale)
     torch.testing.assert_close(quant.zero_point, zero_point)
+
+
+def test_mlp_hidden_range_clips_only_the_fc2_inputs():
+    assert LRPQConfig().mlp_hidden_range == "percentile_mse"
+    with pytest.raises(ValueError, match=r"mlp_hidden_range must be one of \['minmax', 'percentile_mse', 'mse'\]"):
+        LRPQConfig(mlp_hidden_range="p99")
+    calibration = pixels(ENOUGH_IMAGES)
+    clipped, minmax = input_scales(quantize(calibration)), input_scales(quantize(calibration, mlp_hidden_range="minmax"))
+    for name in clipped:
+        if name.endswith("mlp.fc2"):
+            # A searched percentile never widens a channel's range, and clips some of them.
+            assert bool((clipped[name] <= minmax[name] * (1 + 1e-6)).all()), name
+            assert bool((clipped[name] < minmax[name] * 0.99).any()), name
+        else:
+            torch.testing.assert_close(clipped[name], minmax[name], msg=name)
 
 
 def test_too_few_tokens_fall_back_to_one_shared_range(caplog):
@@ -146,3 +161,11 @@ def test_per_head_checkpoint_reloads_bit_identical_and_per_tensor_option(tmp_pat
     assert torch.equal(logits(loaded, x), logits(model, x))
     plain = quantize(pixels(ENOUGH_IMAGES), attention_granularity="per_tensor").get_submodule("vit.layers.0.attention")
     assert type(plain.v_quant) is UniformQuantizer and plain.v_quant.scale.shape == (1,)
+
+
+def test_mlp_hidden_clipping_stays_per_channel_when_the_channels_share_a_range():
+    # Too few tokens: the shared tensor-level range must not be clipped (that would cut whole outlier channels).
+    calibration = pixels(4)
+    clipped, minmax = input_scales(quantize(calibration)), input_scales(quantize(calibration, mlp_hidden_range="minmax"))
+    for name in clipped:
+        torch.testing.assert_close(clipped[name], minmax[name], msg=name)
