@@ -68,7 +68,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rule", default="chefer", choices=RULES)
-    parser.add_argument("--score", default="linear_abs", choices=SCORES)
+    parser.add_argument("--score", default=LRPQConfig().relevance_score, choices=SCORES)
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one relevance pass")
     args = parser.parse_args()
 
