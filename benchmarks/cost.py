@@ -24,6 +24,7 @@ from transformers import ViTConfig, ViTForImageClassification
 from transformers.utils import logging
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
+from optimum_lrpq.configuration import RANGE_METHODS
 
 CONFIGS = {
     "tiny": {"image_size": 32, "patch_size": 8, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -74,9 +75,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--mixed-precision", action="store_true")
-    parser.add_argument("--range", choices=["minmax", "percentile_mse", "mse"], default=LRPQConfig().activation_range)
-    parser.add_argument("--mlp-hidden-range", choices=["minmax", "percentile_mse", "mse"],
-                        default=LRPQConfig().mlp_hidden_range)
+    parser.add_argument("--range", choices=RANGE_METHODS, default=LRPQConfig().activation_range)
+    parser.add_argument("--mlp-hidden-range", choices=RANGE_METHODS, default=LRPQConfig().mlp_hidden_range)
     parser.add_argument("--weight-rounding", choices=["gptq", "nearest"], default=LRPQConfig().weight_rounding)
     parser.add_argument("--relevance-samples", type=int, default=LRPQConfig().num_relevance_samples,
                         help="images of the relevance pass (default: LRPQConfig's)")

@@ -70,8 +70,8 @@ class RelevanceTrace:
     layer_abs / layer_sum: sum |R| and sum R at each quantizable layer's input (0 for a layer relevance never
     reached). operand_abs: sum |R| of the other tensors quantized at a layer's bits (q, k, v: the outputs of
     q/k/v_proj, which the attention quantizes; the probabilities count with v_proj, the operand they multiply; 0
-    for every other layer). layer_weight: sum |R_ij| of the per-weight relevance (only if requested). branch: sum R entering each
-    residual branch (site name -> values). block_in / block_out: total relevance at each block's input / output.
+    for every other layer). layer_weight: sum |R_ij| of the per-weight relevance (only if requested). branch: sum R
+    entering each residual branch (site name -> values). block_in / block_out: total relevance at each block's input / output.
     start: total start relevance.
     """
 
@@ -111,6 +111,7 @@ class _Session:
     heads: list[tuple[Tensor, float]] = field(default_factory=list)
     sites: dict[str, _SiteState] = field(default_factory=dict)
     attention_names: dict[int, str] = field(default_factory=dict)  # id(attention module) -> name
+    operand_producers: frozenset[str] = frozenset()  # linears whose output the attention quantizes (q/k/v_proj)
 
     def _by_image(self, t: Tensor) -> tuple[Tensor, torch.dtype]:
         # Tensors are image-major (Swin's windows of one image are contiguous), so a reshape groups by image.
@@ -152,7 +153,8 @@ class _Session:
         exact = output.dtype in (torch.float32, torch.float64)
         r_in = self.rules.linear(x32, w32, b32, out32, r32, exact)
         self.record_input_relevance(name, r_in)
-        self.record("out_abs", name, self.per_image_abs(r32))
+        if name in self.operand_producers:
+            self.record("out_abs", name, self.per_image_abs(r32))
         if self.weight_scores:
             self.record("weight", name, self._linear_weight_totals(x32, w32, b32, out32, r32, exact))
         return (r_in.to(x.dtype),)
@@ -346,6 +348,7 @@ def run_relevance_pass(
     layout = relevance_layout(model)
     session = _Session(rules=RULE_SETS[rule](), weight_scores=weight_scores)
     session.attention_names = {id(model.get_submodule(name)): name for name in layout.attentions}
+    session.operand_producers = frozenset(name for block in layout.blocks for name in block.attention_linears[:3])
     parameter = next(model.parameters())
     starts: list[Tensor] = []
     # The pass needs autograd even if the caller runs under no_grad / inference_mode.
