@@ -26,8 +26,9 @@ import datasets
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
-from optimum_lrpq.model_card import PLOT_NAME, upload_model_folder, write_model_card
-from optimum_lrpq.visualization import plot_bits_and_relevance
+from optimum_lrpq.integration.hub import upload_model_folder
+from optimum_lrpq.integration.model_card import PLOT_NAME, write_model_card
+from optimum_lrpq.reporting.plot import plot_bits_and_relevance
 
 
 def load_calibration(name_or_path: str, split: str, count: int):

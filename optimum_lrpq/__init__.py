@@ -7,9 +7,9 @@ function with transformers, so quantized checkpoints load with `AutoModelForImag
 __version__ = "0.1.0"
 
 from .configuration import LRPQConfig
+from .integration.quantizer import LRPQuantizer
+from .integration.registration import register
 from .models import supported_models
-from .quantizer import LRPQuantizer
-from .registration import register
 
 register()
 

@@ -12,8 +12,22 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from . import __version__
-from .quantization.uniform import MAX_BITS, MIN_BITS
+from .options import (
+    ALLOCATIONS,
+    ATTENTION_GRANULARITIES,
+    CLIPPING_RULES,
+    GRANULARITIES,
+    RANGE_METHODS,
+    RELEVANCE_RULES,
+    RELEVANCE_SCORES,
+    RELEVANCE_TARGETS,
+    SENSITIVITY_METRICS,
+    SOFTMAX_QUANTIZERS,
+    WEIGHT_ROUNDINGS,
+    check_bits,
+    check_choice,
+)
+from .version import __version__
 
 QUANT_METHOD = "lrpq"
 
@@ -22,34 +36,23 @@ QUANT_METHOD = "lrpq"
 #    (`attention_granularity`); format 1 has both per tensor.
 FORMAT_VERSION = 2
 
-SOFTMAX_QUANTIZERS = ("auto", "log_sqrt2", "log2", "uniform")
-RANGE_METHODS = ("minmax", "percentile_mse", "mse")
-GRANULARITIES = ("per_tensor", "per_channel")
-ATTENTION_GRANULARITIES = ("per_tensor", "per_head")
-WEIGHT_ROUNDINGS = ("nearest", "gptq")
-RELEVANCE_TARGETS = ("predicted", "label")
-CLIPPING_RULES = ("ccq_a", "ccq_b")
-ALLOCATIONS = ("lrp", "lrp_sensitivity", "sensitivity", "uniform", "random", "magnitude")
-SENSITIVITY_METRICS = ("kl", "mse")
-RELEVANCE_SCORES = ("linear_abs", "operands", "branch", "weight")
-RELEVANCE_RULES = ("chefer", "epsilon")
 
+def lrpq_config_of(model_or_config: Any) -> LRPQConfig | None:
+    """The lrpq quantization config of a quantized model (or of its `PretrainedConfig`); None if it has none.
 
-def check_bits(value: Any, what: str) -> int:
-    """Return `value` as int if it is an integer number of bits in [MIN_BITS, MAX_BITS], else raise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"{what} must be an integer between {MIN_BITS} and {MAX_BITS}, got {value!r} ({type(value).__name__})."
-        )
-    if not MIN_BITS <= int(value) <= MAX_BITS:
-        raise ValueError(f"{what} must be between {MIN_BITS} and {MAX_BITS} bits, got {value}.")
-    return int(value)
-
-
-def _check_choice(value: Any, what: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{what} must be one of {list(choices)}, got {value!r}.")
-    return value
+    The one "is this model lrpq-quantized" predicate: a model is lrpq-quantized when its config carries an lrpq
+    `quantization_config` with the bits of every layer (`layer_bits`). A config still in dict form (read from
+    `config.json` without the plugin's classes) is converted.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, dict):
+        if quantization.get("quant_method") != QUANT_METHOD or not quantization.get("layer_bits"):
+            return None
+        return LRPQConfig.from_dict(quantization)
+    if not isinstance(quantization, LRPQConfig) or not quantization.layer_bits:
+        return None
+    return quantization
 
 
 def _check_positive_int(value: Any, what: str) -> int:
@@ -121,7 +124,7 @@ class LRPQConfig(QuantizationConfigMixin):
         allocation: how mixed precision picks bits: "lrp" (relevance, the method: a unit's relevance is the share of
             the prediction its quantized tensors carry, so the expected error is relevance x 4^-bits and bits follow
             relevance per unit of budget, see `optimum_lrpq.allocation`); "lrp_sensitivity" (Mix-QViT:
-            relevance times the measured per-unit sensitivity, see `optimum_lrpq.sensitivity`); or the baselines
+            relevance times the measured per-unit sensitivity, see `optimum_lrpq.pipeline.sensitivity`); or the baselines
             "sensitivity" (measured sensitivity alone), "uniform", "random" (a random feasible allocation) and
             "magnitude" (weight-range sensitivity).
         num_sensitivity_samples: images (the first calibration images) on which "lrp_sensitivity" and "sensitivity"
@@ -248,28 +251,28 @@ class LRPQConfig(QuantizationConfigMixin):
         self.fold_strength = _check_fold_strength(self.fold_strength)
         if self.linear_input_granularity is None:  # checkpoints of format 1 predate the option: per tensor
             self.linear_input_granularity = "per_tensor" if self.format_version < 2 else "per_channel"
-        _check_choice(self.linear_input_granularity, "linear_input_granularity", GRANULARITIES)
+        check_choice(self.linear_input_granularity, "linear_input_granularity", GRANULARITIES)
         if self.attention_granularity is None:  # format 1 predates the option: per tensor
             self.attention_granularity = "per_tensor" if self.format_version < 2 else "per_head"
-        _check_choice(self.attention_granularity, "attention_granularity", ATTENTION_GRANULARITIES)
-        _check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
-        _check_choice(self.weight_range, "weight_range", RANGE_METHODS)
-        _check_choice(self.activation_range, "activation_range", RANGE_METHODS)
-        _check_choice(self.mlp_hidden_range, "mlp_hidden_range", RANGE_METHODS)
-        _check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDINGS)
-        _check_choice(self.relevance_target, "relevance_target", RELEVANCE_TARGETS)
-        _check_choice(self.relevance_score, "relevance_score", RELEVANCE_SCORES)
-        _check_choice(self.relevance_rule, "relevance_rule", RELEVANCE_RULES)
-        _check_choice(self.allocation, "allocation", ALLOCATIONS)
+        check_choice(self.attention_granularity, "attention_granularity", ATTENTION_GRANULARITIES)
+        check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
+        check_choice(self.weight_range, "weight_range", RANGE_METHODS)
+        check_choice(self.activation_range, "activation_range", RANGE_METHODS)
+        check_choice(self.mlp_hidden_range, "mlp_hidden_range", RANGE_METHODS)
+        check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDINGS)
+        check_choice(self.relevance_target, "relevance_target", RELEVANCE_TARGETS)
+        check_choice(self.relevance_score, "relevance_score", RELEVANCE_SCORES)
+        check_choice(self.relevance_rule, "relevance_rule", RELEVANCE_RULES)
+        check_choice(self.allocation, "allocation", ALLOCATIONS)
         self.num_sensitivity_samples = _check_positive_int(self.num_sensitivity_samples, "num_sensitivity_samples")
-        _check_choice(self.sensitivity_metric, "sensitivity_metric", SENSITIVITY_METRICS)
+        check_choice(self.sensitivity_metric, "sensitivity_metric", SENSITIVITY_METRICS)
         if isinstance(self.sensitivity_weight, bool) or not isinstance(self.sensitivity_weight, numbers.Real) or not (
             math.isfinite(self.sensitivity_weight) and self.sensitivity_weight > 0
         ):
             raise ValueError(f"sensitivity_weight must be a positive finite number, got {self.sensitivity_weight!r}.")
         self.sensitivity_weight = float(self.sensitivity_weight)
         if self.clipping is not None:
-            _check_choice(self.clipping, "clipping", CLIPPING_RULES)
+            check_choice(self.clipping, "clipping", CLIPPING_RULES)
         if isinstance(self.clipping_percentile, bool) or not isinstance(self.clipping_percentile, numbers.Real) or not (
             0.5 < self.clipping_percentile <= 1.0
         ):

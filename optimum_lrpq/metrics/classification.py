@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..data import _rgb
-from ..datasets_io import resolve_columns
+from ..data.images import to_rgb
+from ..data.loading import resolve_columns
 
 
 def label_mapping(dataset, label_column: str, model_config) -> dict[int, int] | None:
@@ -93,7 +93,7 @@ def evaluate_classifier(
             if image_column == "pixel_values":
                 pixels = torch.stack([torch.as_tensor(e["pixel_values"]) for e in batch])
             else:
-                images = [_rgb(e[image_column], channels) for e in batch]
+                images = [to_rgb(e[image_column], channels) for e in batch]
                 pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
             labels = [int(e[label_column]) for e in batch]
             if mapping is not None:

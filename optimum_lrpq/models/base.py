@@ -28,11 +28,28 @@ class LayerNormGroup:
 
 @dataclass(frozen=True)
 class Block:
-    """One transformer block, for the per-block bookkeeping of relevance and allocation."""
+    """One transformer block by the role of each module (names as in `model.named_modules()`), for the per-block
+    bookkeeping of calibration, relevance and allocation."""
 
-    attention: str
-    attention_linears: tuple[str, ...]  # q, k, v, o
-    mlp_linears: tuple[str, ...]  # fc1, fc2
+    attention: str  # the module that calls the attention function
+    q: str
+    k: str
+    v: str
+    o: str
+    fc1: str
+    fc2: str
+
+    @property
+    def qkv(self) -> tuple[str, str, str]:
+        return self.q, self.k, self.v
+
+    @property
+    def attention_linears(self) -> tuple[str, str, str, str]:
+        return self.q, self.k, self.v, self.o
+
+    @property
+    def mlp_linears(self) -> tuple[str, str]:
+        return self.fc1, self.fc2
 
 
 @dataclass(frozen=True)
@@ -106,15 +123,15 @@ class LayoutBuilder:
     def add_block(self, prefix: str, *, norm1: str, norm2: str, attention_end: str = "attention",
                   mlp_end: str = "mlp", layer_scales: tuple[str, ...] = ()) -> None:
         p = prefix
-        qkv = tuple(f"{p}.attention.{n}" for n in ("q_proj", "k_proj", "v_proj"))
-        attention_linears, mlp_linears = (*qkv, f"{p}.attention.o_proj"), (f"{p}.mlp.fc1", f"{p}.mlp.fc2")
-        self.groups += [LayerNormGroup(f"{p}.{norm1}", qkv), LayerNormGroup(f"{p}.{norm2}", (f"{p}.mlp.fc1",))]
-        self.linears += [f"{p}.attention.o_proj", f"{p}.mlp.fc2"]
-        self.attentions.append(f"{p}.attention")
-        self.blocks.append(Block(f"{p}.attention", attention_linears, mlp_linears))
+        block = Block(attention=f"{p}.attention", q=f"{p}.attention.q_proj", k=f"{p}.attention.k_proj",
+                      v=f"{p}.attention.v_proj", o=f"{p}.attention.o_proj", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2")
+        self.groups += [LayerNormGroup(f"{p}.{norm1}", block.qkv), LayerNormGroup(f"{p}.{norm2}", (block.fc1,))]
+        self.linears += [block.o, block.fc2]
+        self.attentions.append(block.attention)
+        self.blocks.append(block)
         self.residuals += [
-            ResidualSite(f"{p}.attention", f"{p}.{norm1}", f"{p}.{attention_end}", attention_linears),
-            ResidualSite(f"{p}.mlp", f"{p}.{norm2}", f"{p}.{mlp_end}", mlp_linears),
+            ResidualSite(f"{p}.attention", f"{p}.{norm1}", f"{p}.{attention_end}", block.attention_linears),
+            ResidualSite(f"{p}.mlp", f"{p}.{norm2}", f"{p}.{mlp_end}", block.mlp_linears),
         ]
         self.units.append(p)
         self.layer_scales += [f"{p}.{name}" for name in layer_scales]

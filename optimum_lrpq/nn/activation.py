@@ -1,6 +1,6 @@
 """Activation quantizer modules: fake quantization of a tensor on a stored grid.
 
-During calibration an `observer` is attached (see `optimum_lrpq.observers`): the module then records what
+During calibration an `observer` is attached (see `optimum_lrpq.pipeline.observers`): the module then records what
 passes through and returns it unchanged. Once calibrated, the grid lives in buffers (`scale`,
 `zero_point`), which are what `save_pretrained` writes.
 """
@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
+from ..kernels import ActivationGrid
 from ..quantization import logarithmic, uniform
 
+logger = logging.get_logger(__name__)
 
-class UniformQuantizer(nn.Module):
+
+class ActivationQuantizer(nn.Module):
+    """Base of the activation quantizers: a grid in buffers, and an optional calibration `observer`.
+
+    While an observer is attached the module records what passes through and returns it unchanged; `set_grid_from`
+    then turns the observer's statistics into this quantizer's grid, so calibration needs no per-class switch.
+    """
+
+    bits: int
+    observer = None
+
+    @property
+    def per_channel(self) -> bool:
+        return False
+
+    def set_grid_from(self, observer, *, min_rows: int) -> None:
+        """Take the grid from a finished observer (`optimum_lrpq.pipeline.observers.ActivationObserver`)."""
+        raise NotImplementedError
+
+
+class UniformQuantizer(ActivationQuantizer):
     """Asymmetric uniform fake quantizer, per tensor (`channels=None`) or per channel along the last dim."""
 
     def __init__(self, bits: int, channels: int | None = None, device: torch.device | str | None = None):
@@ -32,6 +55,20 @@ class UniformQuantizer(nn.Module):
         """Replace the grid; the buffers take the new shape (per tensor = one element)."""
         self.scale = scale.detach().reshape(-1).float().to(self.scale.device)
         self.zero_point = zero_point.detach().reshape(-1).float().to(self.zero_point.device)
+
+    def set_grid_from(self, observer, *, min_rows: int) -> None:
+        """The observed range's grid; a per-channel quantizer whose observer saw fewer than `min_rows` tokens gets
+        one shared range (the observer decides)."""
+        if not observer.per_channel and bool((observer.high - observer.low).abs().max() == 0):
+            logger.warning(
+                f"{observer.name} saw a constant input ({observer.low.item():g}) during calibration, so its grid "
+                "only represents that value. Calibrate on more varied images if this layer matters."
+            )
+        self.set_grid(*observer.uniform_grid(self.bits, min_rows=min_rows))
+
+    def grid(self, applied: bool = False) -> ActivationGrid:
+        """The grid, as kernel backends take it (`applied`: the input already lies on it)."""
+        return ActivationGrid(self.scale, self.zero_point, self.bits, applied)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:
@@ -57,7 +94,7 @@ class PerHeadQuantizer(UniformQuantizer):
         return super().forward(x.transpose(1, -1)).transpose(1, -1)
 
 
-class LogQuantizer(nn.Module):
+class LogQuantizer(ActivationQuantizer):
     """Log-family quantizer for post-softmax probabilities (values in [0, 1]): log√2 or log2 levels below `scale`."""
 
     def __init__(self, bits: int, sqrt2: bool = True, device: torch.device | str | None = None):
@@ -69,6 +106,9 @@ class LogQuantizer(nn.Module):
 
     def set_grid(self, scale: torch.Tensor) -> None:
         self.scale = scale.detach().reshape(-1).float().to(self.scale.device)
+
+    def set_grid_from(self, observer, *, min_rows: int) -> None:
+        self.set_grid(observer.log_scale(self.bits, self.sqrt2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:

@@ -49,6 +49,22 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                    probs_quant=_identity) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' `eager_attention_forward` (the same in ViT, DeiT, Swin and DINOv2) before its final transpose:
+    `(probs @ value, probs)`, with `probs_quant` applied to the probabilities. The one attention body shared by the
+    quantized attention function and the relevance pass."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        # Swin passes its relative-position bias (+ shift mask) here; it stays in floating point.
+        scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = probs_quant(probs)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value), probs
+
+
 def lrpq_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -62,17 +78,9 @@ def lrpq_attention_forward(
     """Eager attention with quantized q, k, v and attention probabilities ([batch, heads, tokens, dim] inputs)."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
-    q_quant = getattr(module, "q_quant", _identity)
-    k_quant = getattr(module, "k_quant", _identity)
-    v_quant = getattr(module, "v_quant", _identity)
-    softmax_quant = getattr(module, "softmax_quant", _identity)
-    query, key, value = q_quant(query), k_quant(key), v_quant(value)
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        # Swin passes its relative-position bias (+ shift mask) here; it stays in floating point.
-        scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = softmax_quant(probs)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    output = torch.matmul(probs, value).transpose(1, 2).contiguous()
-    return output, probs
+    query = getattr(module, "q_quant", _identity)(query)
+    key = getattr(module, "k_quant", _identity)(key)
+    value = getattr(module, "v_quant", _identity)(value)
+    output, probs = eager_attention(module, query, key, value, attention_mask, scaling, dropout,
+                                    probs_quant=getattr(module, "softmax_quant", _identity))
+    return output.transpose(1, 2).contiguous(), probs

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 from .activation import UniformQuantizer
+from .registry import QuantSpec, register_qmodule
 
 
+@register_qmodule(nn.LayerNorm)
 class QuantLayerNorm(nn.LayerNorm):
     def __init__(self, normalized_shape, eps: float, elementwise_affine: bool, bias: bool, out_bits: int,
                  per_channel: bool, dtype: torch.dtype = torch.float32, device=None):
@@ -23,10 +25,20 @@ class QuantLayerNorm(nn.LayerNorm):
         self.out_quant = UniformQuantizer(out_bits, channels=channels, device=device)
 
     @classmethod
-    def from_float(cls, layernorm: nn.LayerNorm, out_bits: int, per_channel: bool) -> QuantLayerNorm:
+    def skeleton(cls, layernorm: nn.LayerNorm, spec: QuantSpec) -> QuantLayerNorm:
+        """The empty layer (meta device) a checkpoint is loaded into."""
+        ref = layernorm.weight if layernorm.weight is not None else torch.empty(0)
+        return cls(layernorm.normalized_shape, layernorm.eps, layernorm.elementwise_affine,
+                   layernorm.bias is not None, spec.output_bits, spec.output_per_channel, dtype=ref.dtype,
+                   device="meta")
+
+    @classmethod
+    def from_float(cls, layernorm: nn.LayerNorm, spec: QuantSpec) -> QuantLayerNorm:
+        """The same LayerNorm (parameters copied) with an output quantizer."""
         ref = layernorm.weight if layernorm.weight is not None else torch.empty(0)
         module = cls(layernorm.normalized_shape, layernorm.eps, layernorm.elementwise_affine,
-                     layernorm.bias is not None, out_bits, per_channel, dtype=ref.dtype, device=ref.device)
+                     layernorm.bias is not None, spec.output_bits, spec.output_per_channel, dtype=ref.dtype,
+                     device=ref.device)
         module.load_state_dict(layernorm.state_dict(), strict=False)
         for p in module.parameters():
             p.requires_grad_(False)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import ConvGeometry
 from .activation import UniformQuantizer
+from .registry import QuantSpec, register_qmodule
 from .weights import PackedWeightLayer
 
 
+@register_qmodule(nn.Linear)
 class QuantLinear(PackedWeightLayer):
     """Linear layer with `weight_bits` per-output-channel weights.
 
@@ -29,12 +31,20 @@ class QuantLinear(PackedWeightLayer):
                             if input_bits is not None else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, weight_bits: int, input_bits: int | None, force_bias: bool = False,
-                   input_per_channel: bool = False):
+    def skeleton(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
+        """The empty frozen layer (meta device) a checkpoint is loaded into."""
+        return cls(linear.in_features, linear.out_features, linear.bias is not None or spec.force_bias,
+                   spec.weight_bits, spec.input_bits, dtype=linear.weight.dtype, device="meta",
+                   input_per_channel=spec.input_per_channel)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
         """Wrap a float Linear (weights still float until `freeze()`); `force_bias` adds a zero bias if absent."""
         w = linear.weight
-        module = cls(linear.in_features, linear.out_features, linear.bias is not None or force_bias, weight_bits,
-                     input_bits, dtype=w.dtype, device=w.device, input_per_channel=input_per_channel)
+        force_bias = spec.force_bias
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None or force_bias,
+                     spec.weight_bits, spec.input_bits, dtype=w.dtype, device=w.device,
+                     input_per_channel=spec.input_per_channel)
         for name in ("qweight", "weight_scale", "weight_zero_point"):
             delattr(module, name)
         module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
@@ -45,14 +55,13 @@ class QuantLinear(PackedWeightLayer):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return F.linear(x, self.dequantized_weight(x.dtype), self.bias)
+        return self.compute(x, self.input_quant, "linear")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight_bits={self.weight_bits}"
 
 
+@register_qmodule(nn.Conv2d)
 class QuantConv2d(PackedWeightLayer):
     """Conv2d (the patch embedding) with per-output-filter weights and a per-tensor input quantizer."""
 
@@ -68,12 +77,21 @@ class QuantConv2d(PackedWeightLayer):
         self.input_quant = UniformQuantizer(input_bits, device=device) if input_bits is not None else None
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, weight_bits: int, input_bits: int | None):
+    def skeleton(cls, conv: nn.Conv2d, spec: QuantSpec) -> QuantConv2d:
+        """The empty frozen layer (meta device) a checkpoint is loaded into."""
+        return cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, conv.bias is not None, spec.weight_bits, spec.input_bits, dtype=conv.weight.dtype,
+                   device="meta")
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, spec: QuantSpec) -> QuantConv2d:
+        """Wrap a float Conv2d (weights still float until `freeze()`)."""
         if conv.padding_mode != "zeros":
             raise ValueError(f"QuantConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}.")
         w = conv.weight
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                     conv.groups, conv.bias is not None, weight_bits, input_bits, dtype=w.dtype, device=w.device)
+                     conv.groups, conv.bias is not None, spec.weight_bits, spec.input_bits, dtype=w.dtype,
+                     device=w.device)
         for name in ("qweight", "weight_scale", "weight_zero_point"):
             delattr(module, name)
         module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
@@ -82,10 +100,8 @@ class QuantConv2d(PackedWeightLayer):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        return F.conv2d(x, self.dequantized_weight(x.dtype), self.bias, self.stride, self.padding, self.dilation,
-                        self.groups)
+        return self.compute(x, self.input_quant, "conv2d",
+                            ConvGeometry(self.stride, self.padding, self.dilation, self.groups))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "

@@ -14,16 +14,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import KernelBackend, PackedWeight, get_backend
+from ..kernels.reference import dequantize_weight
 from ..quantization import packing, uniform
 from ..quantization.gptq import gptq_quantize
 from ..quantization.range_methods import estimate_range
 
 
 class PackedWeightLayer(nn.Module):
-    """Shared weight storage and (de)quantization for `QuantLinear` and `QuantConv2d`."""
+    """Shared weight storage and (de)quantization for `QuantLinear` and `QuantConv2d`.
+
+    The arithmetic is a kernel backend's (`optimum_lrpq.kernels`): `kernel_backend` names it (None: the default),
+    and `prepared_weight` holds the backend's derived layout of the codes (never saved; rebuilt when the codes,
+    the device or the backend change).
+    """
 
     weight_bits: int
     weight_shape: tuple[int, ...]
+    kernel_backend: str | None = None
 
     def _init_frozen(self, weight_shape: tuple[int, ...], weight_bits: int, device) -> None:
         self.weight_bits = weight_bits
@@ -49,7 +57,8 @@ class PackedWeightLayer(nn.Module):
         if not self.is_frozen:
             raise AttributeError("weight")  # mid-construction: lets nn.Module register the parameter
         bias = self._parameters.get("bias")
-        return self.dequantized_weight(bias.dtype if bias is not None else torch.float32)
+        dtype = bias.dtype if bias is not None else torch.float32
+        return self.prepared_weight(get_backend("reference"), dtype)  # shares the reference backend's cache
 
     @property
     def is_frozen(self) -> bool:
@@ -82,21 +91,62 @@ class PackedWeightLayer(nn.Module):
         self.weight_scale.copy_(scale)
         self.weight_zero_point.copy_(zero_point)
 
-    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight the layer computes with (cached; recomputed when the stored codes change)."""
-        if not self.is_frozen:
-            return self._parameters["weight"].to(dtype)
-        key = (self.qweight.data_ptr(), self.qweight._version, self.weight_scale._version,
+    @property
+    def input_source(self) -> nn.Module | None:
+        """The producer's output quantizer whose grid this layer's input already lies on (a `QuantLayerNorm`'s
+        `out_quant`), or None. A plain reference, not a child module: the quantizer belongs to the producer."""
+        return self.__dict__.get("_input_source")
+
+    def set_input_source(self, quantizer: nn.Module | None) -> None:
+        self.__dict__["_input_source"] = quantizer  # bypasses nn.Module registration (no duplicate state)
+
+    def packed_weight(self) -> PackedWeight:
+        """The stored weight (frozen layers only), as the kernel backends take it."""
+        return PackedWeight(self.qweight, self.weight_bits, self.weight_shape, self.weight_scale,
+                            self.weight_zero_point)
+
+    def backend(self) -> KernelBackend:
+        return get_backend(self.kernel_backend)
+
+    def prepared_weight(self, backend: KernelBackend, dtype: torch.dtype):
+        """`backend`'s layout of the frozen weight for `dtype` (cached; rebuilt when the stored codes change)."""
+        key = (backend.name, self.qweight.data_ptr(), self.qweight._version, self.weight_scale._version,
                self.weight_zero_point._version, self.qweight.device, dtype)
         if key != self._cache_key:
-            codes = packing.unpack(self.qweight, self.weight_bits, _row_length(self.weight_shape)).float()
-            rows = uniform.dequantize(codes, self.weight_scale[:, None], self.weight_zero_point[:, None])
-            self._cache = rows.reshape(self.weight_shape).to(dtype)
+            self._cache = backend.prepare_weight(self.packed_weight(), dtype)
             self._cache_key = key
         return self._cache
 
+    def compute(self, x: torch.Tensor, input_quant: nn.Module | None, op: str, *args) -> torch.Tensor:
+        """The layer's product through its kernel backend: `op` ("linear" or "conv2d") of `x` on `input_quant`'s
+        grid (None: `x` is already quantized upstream or stays as is) with the weight, `args` after the bias.
+
+        Before `freeze()` (calibration) the float weight is used with the reference backend; an input quantizer
+        that is observing (calibration) records `x` and leaves it float.
+        """
+        grid = None
+        if input_quant is not None:
+            if input_quant.observer is not None:
+                x = input_quant(x)
+            else:
+                grid = input_quant.grid()
+        elif self.input_source is not None and self.input_source.observer is None:
+            grid = self.input_source.grid(applied=True)  # quantized by the producer: kernels may need its grid
+        if not self.is_frozen:
+            backend, weight = get_backend("reference"), self._parameters["weight"].to(x.dtype)
+        else:
+            backend = self.backend()
+            weight = self.prepared_weight(backend, x.dtype)
+        return getattr(backend, op)(x, weight, self.bias, grid, *args)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float weight the layer stands for (the float weight itself before `freeze()`)."""
+        if not self.is_frozen:
+            return self._parameters["weight"].to(dtype)
+        return dequantize_weight(self.packed_weight(), dtype)
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache_key = None  # new codes: never serve a stale dequantized weight
+        self._cache_key = None  # new codes: never serve a stale prepared weight
         super()._load_from_state_dict(*args, **kwargs)
 
 

@@ -18,21 +18,21 @@ from __future__ import annotations
 import torch
 
 
-def _lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
+def lower_triangular_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
     """L⁻¹ by 2x2 block recursion, [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [−C⁻¹ B A⁻¹, C⁻¹]]: about n³/3 flops in
     matrix products, where a triangular solve against the identity costs n³ (torch has no trtri)."""
     n = lower.shape[0]
     if n <= leaf:
         return torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype, device=lower.device), upper=False)
     k = n // 2
-    top, bottom = _lower_triangular_inverse(lower[:k, :k], leaf), _lower_triangular_inverse(lower[k:, k:], leaf)
+    top, bottom = lower_triangular_inverse(lower[:k, :k], leaf), lower_triangular_inverse(lower[k:, k:], leaf)
     out = torch.zeros_like(lower)
     out[:k, :k], out[k:, k:] = top, bottom
     out[k:, :k] = -(bottom @ (lower[k:, :k] @ top))
     return out
 
 
-def _inverse_upper_cholesky(h_reversed: torch.Tensor) -> torch.Tensor:
+def inverse_upper_cholesky(h_reversed: torch.Tensor) -> torch.Tensor:
     """Upper triangular U with Uᵀ U = H⁻¹, given H with its rows and columns in reversed order (GPTQ's row i of U
     updates the columns after i once column i is fixed).
 
@@ -43,7 +43,7 @@ def _inverse_upper_cholesky(h_reversed: torch.Tensor) -> torch.Tensor:
     lower, info = torch.linalg.cholesky_ex(h_reversed.float())
     if info.item() != 0:
         lower = torch.linalg.cholesky(h_reversed.double())
-    return _lower_triangular_inverse(lower).flip((0, 1)).float()
+    return lower_triangular_inverse(lower).flip((0, 1)).float()
 
 
 def gptq_quantize(
@@ -69,7 +69,7 @@ def gptq_quantize(
     inverse_order = torch.argsort(order)
     h.diagonal().add_(damping * torch.diag(h).mean())
     reversed_order = order.flip(0)
-    h_inv = _inverse_upper_cholesky(h[reversed_order][:, reversed_order])
+    h_inv = inverse_upper_cholesky(h[reversed_order][:, reversed_order])
 
     # Transposed: row j of `w` is input column order[j] of the weight, one value per output row.
     w = weight.detach().float()[:, order].T.contiguous()

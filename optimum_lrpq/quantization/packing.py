@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .uniform import check_bits, qmax
+from ..options import check_bits
+from .uniform import qmax
 
 # Codes per group; a group of codes occupies exactly `bits` bytes.
 _GROUP = 8

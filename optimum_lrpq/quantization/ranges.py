@@ -16,8 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..options import check_bits
 from .logarithmic import log_fake_quantize
-from .uniform import _MIN_SCALE, channel_view_shape, check_bits, qmax, scale_zero_point_from_range
+from .uniform import _MIN_SCALE, channel_view_shape, qmax, scale_zero_point_from_range
 
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
 

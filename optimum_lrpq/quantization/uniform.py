@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import torch
 
-MIN_BITS = 2
-MAX_BITS = 8
-
 # Smallest step we allow: a zero-width range (constant or dead channel) would otherwise divide by zero.
 _MIN_SCALE = 1e-8
 
@@ -60,10 +57,3 @@ def channel_view_shape(ndim: int, channel_axis: int, channels: int) -> list[int]
     shape = [1] * ndim
     shape[channel_axis] = channels
     return shape
-
-
-def check_bits(bits: int) -> int:
-    """`bits` if it is an int in [MIN_BITS, MAX_BITS]; ValueError otherwise (bool is rejected: True is not a width)."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}.")
-    return bits

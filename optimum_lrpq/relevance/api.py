@@ -9,20 +9,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..options import RELEVANCE_RULES as RULES
+from ..options import RELEVANCE_SCORES as SCORES
+from ..options import RELEVANCE_TARGETS as TARGETS
+from ..options import check_choice
 from .layout import relevance_layout
 from .propagation import RelevanceTrace, run_relevance_pass
-from .rules import RULE_SETS
-from .scores import SCORES, layer_scores
+from .scores import layer_scores
 
 logger = logging.get_logger(__name__)
-
-TARGETS = ("predicted", "label")
-RULES = tuple(RULE_SETS)
-
-
-def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"Unknown {name} {value!r}; choose one of {', '.join(repr(c) for c in choices)}.")
 
 
 def _pixel_values(batch, index: int) -> Tensor:
@@ -79,8 +74,8 @@ def relevance_trace(
 ) -> RelevanceTrace:
     """Checked arguments, then one relevance pass; returns the per-image trace (see ``RelevanceTrace``)."""
     relevance_layout(model)  # ValueError for an unsupported model, before anything else
-    _check_choice(target, "target", TARGETS)
-    _check_choice(rule, "rule", RULES)
+    check_choice(target, "target", TARGETS)
+    check_choice(rule, "rule", RULES)
     if target == "label" and labels is None:
         raise ValueError('target="label" needs labels: one integer tensor of class indices per batch.')
     if target == "predicted" and labels is not None:
@@ -131,7 +126,7 @@ def compute_relevance(
         architecture adapter: patch embedding, q/k/v/o, fc1/fc2, Swin reduction, heads), in ``named_modules()``
         order: non-negative, normalised to sum 1 per image, averaged over images.
     """
-    _check_choice(score, "score", SCORES)
+    check_choice(score, "score", SCORES)
     trace = relevance_trace(model, batches, target=target, labels=labels, rule=rule,
                             weight_scores=score == "weight", show_progress=show_progress)
     return layer_scores(trace, score)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
+from ..nn.attention import eager_attention
 from .relay import relay
 from .rules import RuleSet
 
@@ -26,18 +27,6 @@ ACTIVE_RULES: ContextVar[RuleSet | None] = ContextVar("lrpq_relevance_rules", de
 ACTIVE_PROBABILITY_RECORDER: ContextVar[Callable[[nn.Module, Tensor], None] | None] = ContextVar(
     "lrpq_probability_recorder", default=None)
 """Called with (attention module, relevance of its probabilities) during a pass, if set."""
-
-
-def _eager(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-           scaling: float, dropout: float) -> tuple[Tensor, Tensor]:
-    """transformers' ``eager_attention_forward`` (identical in ViT, DeiT, Swin and DINOv2), before the final
-    transpose."""
-    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask  # Swin: relative-position bias (+ shift mask)
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
-    return torch.matmul(probs, value), probs
 
 
 def relevance_attention_forward(
@@ -60,11 +49,11 @@ def relevance_attention_forward(
         scaling = query.size(-1) ** -0.5
     rules = ACTIVE_RULES.get()
     if rules is None:  # not in a relevance pass: behave exactly like eager attention
-        output, probs = _eager(module, query, key, value, attention_mask, scaling, dropout)
+        output, probs = eager_attention(module, query, key, value, attention_mask, scaling, dropout)
         return output.transpose(1, 2).contiguous(), probs
 
     with torch.no_grad():  # the graph is made of relays only
-        output, probs = _eager(module, query, key, value, attention_mask, scaling, dropout)
+        output, probs = eager_attention(module, query, key, value, attention_mask, scaling, dropout)
     q, k, v = query.detach(), key.detach(), value.detach()
     # probs @ v is the output: reused when computed in float32 or better. q @ k^T is recomputed (cheap) rather than
     # kept: it is as large as the probabilities.

@@ -348,7 +348,7 @@ def run_relevance_pass(
     layout = relevance_layout(model)
     session = _Session(rules=RULE_SETS[rule](), weight_scores=weight_scores)
     session.attention_names = {id(model.get_submodule(name)): name for name in layout.attentions}
-    session.operand_producers = frozenset(name for block in layout.blocks for name in block.attention_linears[:3])
+    session.operand_producers = frozenset(name for block in layout.blocks for name in block.qkv)
     parameter = next(model.parameters())
     starts: list[Tensor] = []
     # The pass needs autograd even if the caller runs under no_grad / inference_mode.
@@ -409,7 +409,7 @@ def _collect(model: nn.Module, layout: ModelLayout, session: _Session, starts: l
     outputs = gather("out_abs", layers)
     probabilities = gather("probs", layout.attentions)
     for block in layout.blocks:
-        q, k, v = block.attention_linears[:3]
+        q, k, v = block.qkv
         for name in (q, k, v):
             if name in operands:
                 operands[name] = outputs[name].clone()

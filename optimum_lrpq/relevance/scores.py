@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..options import RELEVANCE_SCORES as SCORES
+from ..options import check_choice
 from .propagation import RelevanceTrace
-
-SCORES = ("linear_abs", "operands", "branch", "weight")
 
 
 def _linear_abs(trace: RelevanceTrace) -> dict[str, Tensor]:
@@ -48,7 +48,7 @@ def _weight(trace: RelevanceTrace) -> dict[str, Tensor]:
     return trace.layer_weight
 
 
-_REDUCERS = {"linear_abs": _linear_abs, "operands": _operands, "branch": _branch, "weight": _weight}
+SCORE_REDUCERS = {"linear_abs": _linear_abs, "operands": _operands, "branch": _branch, "weight": _weight}
 
 
 def normalized_scores(per_image: dict[str, Tensor]) -> dict[str, float]:
@@ -66,6 +66,5 @@ def normalized_scores(per_image: dict[str, Tensor]) -> dict[str, float]:
 
 def layer_scores(trace: RelevanceTrace, score: str = "linear_abs") -> dict[str, float]:
     """Scores of every quantizable layer of the trace, keyed by module name."""
-    if score not in _REDUCERS:
-        raise ValueError(f"Unknown score {score!r}; choose one of {', '.join(SCORES)}.")
-    return normalized_scores(_REDUCERS[score](trace))
+    check_choice(score, "score", SCORES)
+    return normalized_scores(SCORE_REDUCERS[score](trace))

@@ -1,0 +1,26 @@
+"""Kernels: the arithmetic of quantized layers behind one backend interface (`backend.py`).
+
+Importing this package registers every backend in it. `reference` (dequantize + float matmul) is the default and the
+oracle; an integer backend is one more file here.
+"""
+
+from . import reference  # noqa: F401  (registers the reference backend)
+from .backend import (
+    ActivationGrid,
+    ConvGeometry,
+    KernelBackend,
+    PackedWeight,
+    available_backends,
+    get_backend,
+    register_backend,
+)
+
+__all__ = [
+    "ActivationGrid",
+    "ConvGeometry",
+    "KernelBackend",
+    "PackedWeight",
+    "available_backends",
+    "get_backend",
+    "register_backend",
+]

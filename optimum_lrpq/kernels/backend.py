@@ -1,0 +1,99 @@
+"""The kernel interface: how a quantized layer's product is computed, behind one small set of operations.
+
+`nn/` modules hold the canonical state (packed weight codes and grids, exactly what a checkpoint stores) and call a
+`KernelBackend` for the arithmetic, the way optimum-quanto's `library/` ops sit under its `nn/` modules. A backend
+turns the canonical weight into its own derived layout once (`prepare_weight`: a dequantized float copy, widened
+int8 codes, a prepacked GEMM operand, row sums...; never saved, rebuilt after loading or moving the model) and
+computes `linear` / `conv2d` from it. Adding a backend is one file here: subclass `KernelBackend`, implement the
+four methods, call `register_backend`; `nn/` does not change.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A weight as stored: `codes` (uint8, one row per output channel, `bits`-bit codes packed along the row),
+    per-row `scale` and `zero_point` (float32), and the float weight's `shape` ([out, in] or [out, in/g, kh, kw])."""
+
+    codes: torch.Tensor
+    bits: int
+    shape: tuple[int, ...]
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+
+@dataclass(frozen=True)
+class ActivationGrid:
+    """The uniform grid a layer input is quantized on: `x_int = clamp(round(x / scale + zero_point), 0, 2**bits-1)`.
+
+    `scale` / `zero_point` have one element (per tensor) or one per input channel (last dim); the zero point may be
+    fractional (LayerNorm reparameterization). `applied=True` means the input already lies on this grid (it was
+    quantized by its producer, e.g. a `QuantLayerNorm`), so a float backend must not round it again.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    bits: int
+    applied: bool = False
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    stride: tuple[int, ...] | int
+    padding: tuple[int, ...] | int | str
+    dilation: tuple[int, ...] | int
+    groups: int
+
+
+class KernelBackend(abc.ABC):
+    """One way of computing quantized layers. Stateless: per-layer state is what `prepare_weight` returns."""
+
+    name: ClassVar[str]
+
+    @abc.abstractmethod
+    def is_available(self, device: torch.device) -> bool:
+        """Whether this backend can run on `device` (and on this CPU's instruction set)."""
+
+    @abc.abstractmethod
+    def prepare_weight(self, weight: PackedWeight, dtype: torch.dtype) -> Any:
+        """The backend's derived layout of `weight` for computing in `dtype` (held in memory, never saved)."""
+
+    @abc.abstractmethod
+    def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
+               input_grid: ActivationGrid | None) -> torch.Tensor:
+        """`x` (float, [..., in]) quantized on `input_grid` (None: used as is) times the prepared weight, plus bias."""
+
+    @abc.abstractmethod
+    def conv2d(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, input_grid: ActivationGrid | None,
+               geometry: ConvGeometry) -> torch.Tensor:
+        """The same for a 2-d convolution (the patch embedding)."""
+
+
+_BACKENDS: dict[str, KernelBackend] = {}
+_DEFAULT = "reference"
+
+
+def register_backend(backend: KernelBackend) -> KernelBackend:
+    """Make `backend` selectable by its `name` (re-registering a name replaces it)."""
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def available_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str | None = None) -> KernelBackend:
+    """The backend called `name` (None: the default), or a ValueError naming the registered ones."""
+    name = name or _DEFAULT
+    try:
+        return _BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"Unknown kernel backend {name!r}; registered backends: {available_backends()}.") from None

@@ -1,0 +1,290 @@
+"""Calibration: observe activations, reparameterize post-LayerNorm grids, quantize weights, fix all grids.
+
+Operates on a model already converted with `conversion.convert_model(..., skeleton=False)`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from ..configuration import LRPQConfig
+from ..models import ModelLayout
+from ..nn import ActivationQuantizer, PackedWeightLayer, QuantConv2d, QuantLayerNorm, UniformQuantizer
+from ..quantization.clipping import clip_channel_scales
+from ..quantization.gptq import gptq_quantize
+from ..quantization.reparameterization import reparameterize, search_fold_strength
+from .observers import ActivationObserver
+
+logger = logging.get_logger(__name__)
+
+
+def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int,
+                     mlp_hidden: frozenset[int] = frozenset()) -> list[ActivationObserver]:
+    """An observer on every activation quantizer; those whose id is in `mlp_hidden` use `config.mlp_hidden_range`.
+
+    `mlp_hidden_range` clips within each channel; with too few tokens for per-channel ranges those quantizers fall
+    back to one tensor-level grid from `activation_range`, since a tensor-level clip would cut whole outlier channels
+    (on DINOv2-S they carry information).
+    """
+    observers = []
+    layernorm_quants = {id(m.out_quant) for m in model.modules() if isinstance(m, QuantLayerNorm)}
+    for index, (name, module) in enumerate(model.named_modules()):
+        if isinstance(module, ActivationQuantizer):
+            per_channel = module.per_channel
+            mlp = id(module) in mlp_hidden
+            method = config.mlp_hidden_range if mlp else config.activation_range
+            keep = method != "minmax" or (
+                (config.clipping == "ccq_a" or _searches_fold(config)) and id(module) in layernorm_quants
+            )
+            module.observer = ActivationObserver(name, per_channel, method, num_batches,
+                                                 seed=config.seed + index, keep_samples=keep,
+                                                 fallback_method=config.activation_range if mlp else None)
+            observers.append(module.observer)
+    return observers
+
+
+def mlp_hidden_quantizers(model: nn.Module, layout: ModelLayout) -> frozenset[int]:
+    """ids of the input quantizers of each block's fc2 ( its input is the post-GELU hidden state)."""
+    found = set()
+    for block in layout.blocks:
+        quant = getattr(model.get_submodule(block.fc2), "input_quant", None)
+        if quant is not None:
+            found.add(id(quant))
+    return frozenset(found)
+
+
+def _searches_fold(config: LRPQConfig) -> bool:
+    return config.reparameterize and isinstance(config.fold_strength, list)
+
+
+def layernorm_grid(quant: UniformQuantizer, config: LRPQConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel grid of a post-LayerNorm quantizer, with the configured clipping (CCQ) applied."""
+    clip_percentile = config.clipping_percentile if config.clipping == "ccq_a" else None
+    scale, zero_point = quant.observer.uniform_grid(quant.bits, clip_percentile=clip_percentile)
+    if config.clipping == "ccq_b":
+        scale = clip_channel_scales(scale, config.clipping_ratio)
+    return scale, zero_point
+
+
+@torch.no_grad()
+def run_batches(model: nn.Module, batches: list[torch.Tensor], description: str, show_progress: bool = True) -> None:
+    device, dtype = model_device_and_dtype(model)
+    for batch in tqdm(batches, desc=description, unit="batch", disable=not show_progress):
+        model(pixel_values=batch.to(device=device, dtype=dtype))
+
+
+def model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which float dtype `model` computes (its first floating-point parameter)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
+class InputMoments:
+    """Running sums of a weight layer's input rows x (the vectors a weight row is multiplied with): Σx, Σxxᵀ, count.
+
+    Σxxᵀ is the costliest part of the calibration pass (in_features² per token: fc2's alone exceeds the whole block's
+    forward), so only its block upper triangle is accumulated (blocks of `BLOCK` columns: 62.5 % of the products
+    for fc2's 3072 inputs) and mirrored once at the end. It stays float32: a bfloat16 product, 2x faster on CPUs with
+    AVX512-BF16, rounds its output and made H indefinite on a random ViT-Base.
+    """
+
+    BLOCK = 768
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.sum_outer: torch.Tensor | None = None  # block upper triangle only until `second_moment`
+        self.count = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        rows = rows.detach().float()
+        if self.sum is None:
+            width = rows.shape[1]
+            self.sum = torch.zeros(width, dtype=torch.float32, device=rows.device)
+            self.sum_outer = torch.zeros(width, width, dtype=torch.float32, device=rows.device)
+        self.sum += rows.sum(dim=0)
+        for start in range(0, rows.shape[1], self.BLOCK):
+            end = start + self.BLOCK
+            self.sum_outer[start:end, start:].addmm_(rows[:, start:end].T, rows[:, start:])
+        self.count += rows.shape[0]
+
+    def _full_outer(self) -> torch.Tensor:
+        upper = self.sum_outer.triu()
+        return upper + upper.triu(1).T
+
+    def second_moment(self, ratio: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x xᵀ], or E[x' x'ᵀ] of the reparameterized input x' = x / ratio − shift."""
+        mean_outer = self._full_outer().double() / self.count
+        if ratio is None:
+            return mean_outer.float()
+        inv = 1.0 / ratio.double().to(mean_outer.device)
+        shift = shift.double().to(mean_outer.device)
+        mean = self.sum.double() / self.count * inv
+        moment = mean_outer * inv[:, None] * inv[None, :] - torch.outer(mean, shift) - torch.outer(shift, mean)
+        return (moment + torch.outer(shift, shift)).float()
+
+
+def attach_moment_hooks(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, InputMoments], list]:
+    """Forward pre-hooks recording the input moments of every not yet frozen weight layer (for GPTQ).
+
+    The consumers of one LayerNorm (q, k, v) see the same input and share one record. Memory: in_features² floats
+    per record (ViT-Base: about 0.4 GB in all, mostly the fc2 inputs).
+    """
+    shared = {consumer: group.consumers[0] for group in layout.groups for consumer in group.consumers}
+    moments: dict[str, InputMoments] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if not isinstance(module, PackedWeightLayer) or module.is_frozen:
+            continue
+        if isinstance(module, QuantConv2d) and module.groups != 1:
+            continue
+        owner = shared.get(name, name)
+        if owner in moments:
+            moments[name] = moments[owner]
+            continue
+        moments[name] = InputMoments()
+
+        def hook(mod, args, acc=moments[name]):
+            x = args[0]
+            if isinstance(mod, QuantConv2d):
+                cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+                acc.add(cols.transpose(1, 2).reshape(-1, cols.shape[1]))
+            else:
+                acc.add(x.reshape(-1, x.shape[-1]))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    return moments, handles
+
+
+def set_layernorm_grids(model: nn.Module, layout: ModelLayout, config: LRPQConfig) -> dict[str, tuple]:
+    """Fix each quantized LayerNorm's output grid; with `reparameterize`, fold it into the affine and consumers.
+
+    Returns {consumer name: (ratio, shift)} of the folds, x' = x / ratio − shift.
+    """
+    folds = {}
+    for group in layout.groups:
+        layernorm = model.get_submodule(group.layernorm)
+        if not isinstance(layernorm, QuantLayerNorm):
+            continue
+        quant = layernorm.out_quant
+        scale, zero_point = layernorm_grid(quant, config)
+        observer, quant.observer = quant.observer, None
+        if not config.reparameterize:
+            quant.set_grid(scale, zero_point)
+            continue
+        consumers = [model.get_submodule(name) for name in group.consumers]
+        weights = [c.weight.data for c in consumers]
+        biases = [c.bias.data if c.bias is not None else None for c in consumers]
+        alpha = config.fold_strength
+        if isinstance(alpha, list):
+            alpha, errors = search_fold_strength(observer.samples(), scale, zero_point, weights, biases, alpha,
+                                                 quant.bits, [getattr(c, "weight_bits", None) for c in consumers], config.weight_range)
+            logger.debug(f"{group.layernorm}: fold strength {alpha} (errors {[f'{e:.3g}' for e in errors]})")
+        result = reparameterize(scale, zero_point, layernorm.weight.data, layernorm.bias.data, weights, biases,
+                                alpha=alpha, bits=quant.bits)
+        layernorm.weight.data.copy_(result.layernorm_weight)
+        layernorm.bias.data.copy_(result.layernorm_bias)
+        for consumer, weight, bias in zip(consumers, result.linear_weights, result.linear_biases):
+            consumer.weight.data.copy_(weight)
+            consumer.bias.data.copy_(bias)
+        quant.set_grid(result.scale, result.zero_point)
+        folds.update({name: (result.ratio, result.shift) for name in group.consumers})
+    return folds
+
+
+# A per-channel linear input needs this many observed tokens: a channel's min/max over n rows is exceeded by about
+# 1/(n+1) of new values, so with fewer rows (e.g. 16 tiny images) clipping on unseen images outweighs the finer
+# steps. Below it the channels share the tensor-level grid (same checkpoint layout).
+MIN_ROWS_PER_CHANNEL = 1024
+
+
+def finalize_activation_grids(model: nn.Module) -> None:
+    too_few_rows = []
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer) and module.observer is not None:
+            observer = module.observer
+            if observer.per_channel and observer.rows < MIN_ROWS_PER_CHANNEL:
+                too_few_rows.append(observer)
+            module.set_grid_from(observer, min_rows=MIN_ROWS_PER_CHANNEL)
+            module.observer = None
+    if too_few_rows:
+        logger.warning(
+            f"{len(too_few_rows)} per-channel input quantizer(s) (first: {too_few_rows[0].name}) saw only "
+            f"{min(o.rows for o in too_few_rows)} tokens during calibration, too few for a range per channel (needs "
+            f"{MIN_ROWS_PER_CHANNEL}), so their channels share one range. Calibrate on more images, or set "
+            "linear_input_granularity='per_tensor'."
+        )
+
+
+def freeze_weights(model: nn.Module, range_method: str,
+                   hessian_of: Callable[[str], torch.Tensor | None] | None = None,
+                   shared_input_of: Callable[[str], object] | None = None) -> None:
+    """Quantize every remaining float weight; `hessian_of(name)` (GPTQ) gives a layer's input second moments.
+
+    Layers with the same `shared_input_of(name)` key (q, k and v read one input) are rounded in one GPTQ solve:
+    their rows are independent given the shared H, so this only saves the repeated factorisation and sweep.
+    """
+    groups: dict[object, list[tuple[str, PackedWeightLayer]]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, PackedWeightLayer) and not module.is_frozen:
+            key = shared_input_of(name) if shared_input_of is not None else name
+            groups.setdefault(key, []).append((name, module))
+    for members in groups.values():
+        hessian = hessian_of(members[0][0]) if hessian_of is not None else None
+        if hessian is None or len(members) == 1:
+            for name, module in members:
+                module.freeze(range_method, hessian=hessian if len(members) == 1 else None)
+            continue
+        grids = [module.weight_grid(range_method) for _, module in members]
+        bits = torch.cat([torch.full((rows.shape[0],), float(module.weight_bits))
+                          for (rows, _, _), (_, module) in zip(grids, members)])
+        rounded = gptq_quantize(torch.cat([g[0] for g in grids]), hessian.to(grids[0][0].device),
+                                torch.cat([g[1] for g in grids]), torch.cat([g[2] for g in grids]), bits)
+        for part, (_, scale, zero_point), (_, module) in zip(rounded.split([g[0].shape[0] for g in grids]), grids,
+                                                              members):
+            module.store(part, scale, zero_point)
+
+
+def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches: list[torch.Tensor],
+              show_progress: bool = True, timings: dict[str, float] | None = None) -> None:
+    """One observation pass, reparameterization, then weights and activation grids are fixed.
+
+    `timings`, if given, receives the seconds spent in each stage.
+    """
+    timings = {} if timings is None else timings
+    attach_observers(model, config, len(batches), mlp_hidden_quantizers(model, layout))
+    moments, handles = attach_moment_hooks(model, layout) if config.weight_rounding == "gptq" else ({}, [])
+    try:
+        start = time.perf_counter()
+        run_batches(model, batches, "Calibrating", show_progress)
+        for handle in handles:
+            handle.remove()
+        timings["calibration_pass"] = time.perf_counter() - start
+        start = time.perf_counter()
+        folds = set_layernorm_grids(model, layout, config)
+
+        def hessian_of(name: str) -> torch.Tensor | None:
+            record = moments.get(name)
+            if record is None or not record.count:
+                return None
+            return record.second_moment(*folds.get(name, (None, None)))
+
+        freeze_weights(model, config.weight_range, hessian_of,
+                       shared_input_of=lambda name: id(moments[name]) if name in moments else name)
+        moments.clear()
+        finalize_activation_grids(model)
+        timings["grids_and_weights"] = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in model.modules():
+            if isinstance(module, ActivationQuantizer):
+                module.observer = None

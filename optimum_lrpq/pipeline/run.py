@@ -1,0 +1,118 @@
+"""The quantization run (SPEC §3), free of transformers plumbing and of model-specific code.
+
+    prepare (adapter, calibration data) -> [relevance + allocation] -> convert modules -> calibrate
+    (observe, reparameterize, quantize weights) -> the bits and scores to record in the config.
+
+The integration floor (`LRPQuantizer`, the load-time quantizer) calls `quantize` and then marks the model as
+quantized for transformers; nothing here knows about saving or the Hub.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from transformers.utils import logging
+
+from ..configuration import LRPQConfig, lrpq_config_of
+from ..models import get_adapter
+from ..nn import ATTENTION_KEY, is_quantized_module
+from ..options import RELEVANCE_ALLOCATIONS, SENSITIVITY_ALLOCATIONS
+from ..relevance import compute_relevance
+from .calibration import calibrate
+from .calibration_data import CalibrationSet, prepare_calibration_data
+from .conversion import convert_model, plan_layer_bits, restore_model
+from .mixed_precision import choose_layer_bits, unit_sensitivity
+from .placement import onload
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class QuantizationResult:
+    """What one run decided: the config to record (with `layer_bits` and `relevance` filled in) and its by-products."""
+
+    config: LRPQConfig
+    relevance: dict[str, float] | None = None
+    # Mix-QViT sensitivity (unit -> {bits: loss increase}), for the sensitivity allocations.
+    sensitivity: dict[str, dict[int, float]] | None = None
+    # Seconds per stage (relevance, sensitivity, allocation, calibration stages).
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layer_bits(self) -> dict[str, dict[str, int]]:
+        return self.config.layer_bits
+
+
+def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, image_processor: Any = None,
+             image_column: str | None = None, show_progress: bool = True) -> QuantizationResult:
+    """Quantize `model` in place with `config` (not modified: the result holds a completed copy).
+
+    On any failure (bad input, Ctrl-C) the model is left as it was given.
+    """
+    config = copy.deepcopy(config)
+    config.layer_bits, config.relevance = None, None
+    # Everything that can be wrong with the input is checked before the model is modified.
+    if lrpq_config_of(model) is not None or any(is_quantized_module(m) for m in model.modules()) or (
+            getattr(model, "quantization_method", "lrpq") != "lrpq"):
+        raise ValueError("This model is already quantized; quantize the original float model instead.")
+    adapter = get_adapter(model)
+    layout = adapter.layout(model)
+    calibration = prepare_calibration_data(
+        calibration_data, model, num_samples=config.num_calibration_samples,
+        batch_size=config.calibration_batch_size, image_processor=image_processor, image_column=image_column,
+        fixed_image_size=adapter.fixed_image_size,
+    )
+    onload(model)  # accelerate-offloaded weights (device_map with cpu/disk) must be in memory to be rewritten
+    was_training = model.training
+    model.eval()
+    result = QuantizationResult(config)
+    layer_bits = _choose_bits(model, layout, config, calibration, show_progress, result)
+    previous_attention = model.config._attn_implementation
+    replaced = convert_model(model, layout, layer_bits, config, skeleton=False)
+    try:
+        model.set_attn_implementation(ATTENTION_KEY)
+        calibrate(model, layout, config, calibration.batches, show_progress=show_progress, timings=result.timings)
+    except BaseException:
+        restore_model(model, replaced)
+        model.set_attn_implementation(previous_attention)
+        model.train(was_training)
+        raise
+    config.layer_bits = layer_bits
+    config.relevance = result.relevance
+    config.base_model = config.base_model or getattr(model.config, "_name_or_path", None) or None
+    logger.info(f"Quantized {sum(1 for e in layer_bits.values() if 'weight' in e)} weight layers of "
+                f"{type(model).__name__} on {calibration.num_images} calibration images.")
+    return result
+
+
+def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet, show_progress: bool,
+                 result: QuantizationResult) -> dict[str, dict[str, int]]:
+    bits = plan_layer_bits(layout, config)
+    if not config.mixed_precision:
+        return bits
+    if config.allocation in RELEVANCE_ALLOCATIONS:
+        if config.relevance_target == "label" and calibration.labels is None:
+            raise ValueError(
+                "relevance_target='label' needs labels in the calibration data (a 'label'/'labels' column or "
+                "(images, labels) batches); use relevance_target='predicted' otherwise."
+            )
+        start = time.perf_counter()
+        images = calibration.first(config.num_relevance_samples)
+        result.relevance = compute_relevance(
+            model, images.batches, target=config.relevance_target,
+            labels=images.labels if config.relevance_target == "label" else None,
+            score=config.relevance_score, rule=config.relevance_rule, show_progress=show_progress,
+        )
+        result.timings["relevance"] = time.perf_counter() - start
+    if config.allocation in SENSITIVITY_ALLOCATIONS:
+        start = time.perf_counter()
+        result.sensitivity = unit_sensitivity(model, layout, config, bits, calibration, show_progress)
+        result.timings["sensitivity"] = time.perf_counter() - start
+    start = time.perf_counter()
+    bits = choose_layer_bits(model, layout, config, bits, calibration, result.relevance, result.sensitivity)
+    result.timings["allocation"] = time.perf_counter() - start
+    return bits

@@ -1,0 +1,1 @@
+"""Reports on a quantized model: bit summaries and the relevance / bits plot."""

@@ -1,0 +1,98 @@
+"""The scripts in examples/, each on a tiny local model and a local image dataset; the offline accuracy metric."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hub_server import run_with_hub
+from test_cli import make_dataset_dir, make_model_dir, single_thread  # noqa: F401
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    root = tmp_path_factory.mktemp("examples")
+    return {"model": str(make_model_dir(root / "float")), "data": str(make_dataset_dir(root / "data")), "root": root}
+
+
+def run_example(name: str, argv: list[str]) -> None:
+    """Run examples/<name> in this process as `python examples/<name> argv...`."""
+    old = sys.argv
+    sys.argv = [str(EXAMPLES / name), *argv]
+    try:
+        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    finally:
+        sys.argv = old
+
+
+def test_accuracy_metric_works_offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    from optimum_lrpq.metrics import ACCURACY_PATH, load_accuracy
+
+    metric = load_accuracy()
+    metric.add_batch(predictions=[0, 1, 2, 3], references=[0, 1, 1, 3])
+    assert metric.compute() == {"accuracy": 0.75}
+    assert metric.compute(predictions=[1, 1], references=[1, 0], normalize=False) == {"accuracy": 1}
+    assert metric.compute(predictions=[1, 1], references=[1, 0], sample_weight=[3, 1]) == {"accuracy": 0.75}
+    assert Path(ACCURACY_PATH, "accuracy.py").is_file()
+
+
+def test_quantize_and_evaluate(local, tmp_path, capsys):
+    out = tmp_path / "quantized"
+    run_example("quantize_and_evaluate.py", [
+        "--model", local["model"], "--dataset", local["data"], "--num-calibration", "8", "--limit", "6",
+        "--batch-size", "4", "--mixed-precision", "--output", str(out),
+    ])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("model"))
+    assert lines[header + 1].split()[0] == "float" and lines[header + 2].startswith("LRP-QViT W4/A4 mixed")
+    assert lines[header + 2].split()[-3].endswith("%") and "pt" in lines[header + 2]
+    assert (out / "model.safetensors").exists() and (out / "preprocessor_config.json").exists()
+
+
+def test_evaluate_distributed_with_accelerate_launch(local, tmp_path):
+    from test_cli import cli
+
+    quantized = tmp_path / "quantized"
+    assert cli.main(["quantize", local["model"], "--dataset", local["data"], "--num-samples", "4",
+                     "--output", str(quantized)]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_cpu_threads_per_process", "1", str(EXAMPLES / "evaluate_distributed.py"),
+               "--model", str(quantized), "--dataset", local["data"], "--split", "validation", "--batch-size", "3"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "top-1 accuracy:" in proc.stdout and "on 8 images" in proc.stdout and "1 process(es)" in proc.stdout
+
+
+def test_push_to_hub_uploads_model_card_and_plot(local, hub_server, tmp_path):
+    code = (
+        "import runpy, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        f"sys.argv = ['push_to_hub.py', '--model', {local['model']!r}, '--dataset', {local['data']!r},"
+        " '--num-calibration', '4', '--mixed-precision', '--repo-id', 'me/tiny-vit-lrpq']\n"
+        f"runpy.run_path({str(EXAMPLES / 'push_to_hub.py')!r}, run_name='__main__')\n"
+    )
+    proc = run_with_hub(hub_server, code, tmp_path)
+    assert f"pushed: {hub_server.endpoint}/me/tiny-vit-lrpq/commit/" in proc.stdout
+    repo = hub_server.root / "me" / "tiny-vit-lrpq"
+    files = {p.name for p in repo.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "lrpq_bits.png"} <= files
+    card = (repo / "README.md").read_text()
+    assert "- lrpq" in card and "import optimum_lrpq" in card and 'from_pretrained("me/tiny-vit-lrpq")' in card
+    assert not hub_server.unhandled, hub_server.unhandled
+
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(repo)  # what the Hub now serves
+    assert model.is_quantized and model.config.quantization_config.mixed_precision

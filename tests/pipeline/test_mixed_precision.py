@@ -1,0 +1,141 @@
+"""Mixed precision end to end: relevance -> allocation under the budgets -> quantized model that round-trips."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_models import build, logits, pixels
+from transformers import AutoModelForImageClassification
+
+from optimum_lrpq import LRPQConfig, LRPQuantizer
+from optimum_lrpq.models import get_adapter
+from optimum_lrpq.pipeline.mixed_precision import layer_macs
+from optimum_lrpq.pipeline.units import allocation_units
+
+
+def quantize(name="vit", **options):
+    model = build(name)
+    layout = get_adapter(model).layout(model)
+    macs = layer_macs(model, [n for n in layout.weight_layers() if n != layout.patch_embedding], pixels(1))
+    sizes = {n: model.get_submodule(n).weight.numel() for n in macs}
+    quantizer = LRPQuantizer(LRPQConfig(mixed_precision=True, **{"weight_bits": 4, "activation_bits": 4, **options}))
+    quantizer.quantize_model(model, pixels(8), show_progress=False)
+    return model, quantizer, layout, sizes, macs
+
+
+def averages(layer_bits, sizes, macs):
+    w = sum(layer_bits[n]["weight"] * s for n, s in sizes.items()) / sum(sizes.values())
+    a = sum(layer_bits[n]["activation"] * m for n, m in macs.items()) / sum(macs.values())
+    return w, a
+
+
+@pytest.mark.parametrize("name", ["vit", "deit_teacher", "swin", "dinov2"])
+def test_budgets_hold_and_shared_quantizers_agree(name):
+    model, quantizer, layout, sizes, macs = quantize(name)
+    bits = model.config.quantization_config.layer_bits
+    w, a = averages(bits, sizes, macs)
+    assert w <= 4 + 1e-9 and a <= 4 + 1e-9
+    for group in layout.groups:
+        widths = {bits[c]["activation"] for c in group.consumers}
+        assert widths == {bits[group.layernorm]["activation"]}
+    for block in layout.blocks:
+        assert bits[block.attention]["activation"] == bits[block.attention_linears[0]]["activation"]
+    assert bits[layout.patch_embedding] == {"weight": 4, "activation": 8}
+    # relevance: one score per quantizable layer, normalized, saved with the model
+    assert set(quantizer.relevance) == set(layout.weight_layers())
+    assert abs(sum(quantizer.relevance.values()) - 1) < 1e-6
+    assert model.config.quantization_config.relevance == quantizer.relevance
+
+
+def test_mixed_bits_actually_differ_and_round_trip(tmp_path):
+    model, _, _, sizes, _ = quantize("vit", weight_bits=6, activation_bits=6)
+    bits = model.config.quantization_config.layer_bits
+    assert len({bits[n]["weight"] for n in sizes}) > 1, bits
+    x = pixels(2, seed=3)
+    expected = logits(model, x)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert saved["layer_bits"] == bits and saved["mixed_precision"] is True
+    loaded, info = AutoModelForImageClassification.from_pretrained(tmp_path, output_loading_info=True,
+                                                                   disable_mmap=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert torch.equal(logits(loaded.eval(), x), expected)
+    for name in sizes:
+        assert loaded.get_submodule(name).weight_bits == bits[name]["weight"]
+
+
+def test_uniform_allocation_equals_uniform_bits():
+    model, *_ = quantize("vit", allocation="uniform")
+    bits = model.config.quantization_config.layer_bits
+    assert {e.get("weight", 4) for e in bits.values()} == {4}
+
+
+def test_random_allocation_is_feasible_and_seeded():
+    first, _, _, sizes, macs = quantize("swin", allocation="random", seed=3)
+    second, *_ = quantize("swin", allocation="random", seed=3)
+    bits = first.config.quantization_config.layer_bits
+    assert bits == second.config.quantization_config.layer_bits
+    w, a = averages(bits, sizes, macs)
+    assert w <= 4 + 1e-9 and a <= 4 + 1e-9
+
+
+def test_different_weight_and_activation_budgets():
+    model, _, _, sizes, macs = quantize("vit", weight_bits=4, activation_bits=8, allocation="magnitude")
+    w, a = averages(model.config.quantization_config.layer_bits, sizes, macs)
+    assert w <= 4 + 1e-9 and a <= 8 + 1e-9
+
+
+def test_units_group_shared_inputs():
+    model = build("vit")
+    layout = get_adapter(model).layout(model)
+    from optimum_lrpq.pipeline.conversion import plan_layer_bits
+
+    units = allocation_units(layout, plan_layer_bits(layout, LRPQConfig()))
+    first = units[0]
+    assert first.layernorm == "vit.layers.0.layernorm_before"
+    assert first.layers == tuple(f"vit.layers.0.attention.{p}_proj" for p in "qkv")
+
+
+def test_label_target_needs_labels():
+    model = build("vit")
+    with pytest.raises(ValueError, match="relevance_target='label' needs labels"):
+        LRPQuantizer(LRPQConfig(mixed_precision=True, relevance_target="label")).quantize_model(
+            model, pixels(4), show_progress=False)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_label_target_with_labels():
+    model = build("vit")
+    batches = [{"pixel_values": b, "labels": torch.tensor([0, 1, 2, 3])} for b in pixels(8).split(4)]
+    quantizer = LRPQuantizer(LRPQConfig(mixed_precision=True, relevance_target="label"))
+    quantizer.quantize_model(model, batches, show_progress=False)
+    assert abs(sum(quantizer.relevance.values()) - 1) < 1e-6
+
+
+def test_relevance_uses_the_first_num_relevance_samples_images():
+    from optimum_lrpq.relevance import compute_relevance
+
+    expected = compute_relevance(build("vit"), [pixels(8)[:3]])
+    _, quantizer, *_ = quantize("vit", num_relevance_samples=3, calibration_batch_size=2)
+    assert quantizer.relevance == pytest.approx(expected, abs=1e-6)
+    _, everything, *_ = quantize("vit", num_relevance_samples=None)
+    assert everything.relevance == pytest.approx(compute_relevance(build("vit"), [pixels(8)]), abs=1e-6)
+
+
+def test_calibration_subset_keeps_batches_and_labels():
+    from optimum_lrpq.pipeline.calibration_data import CalibrationSet
+
+    images = CalibrationSet([torch.zeros(3, 1), torch.ones(3, 1), torch.full((2, 1), 2.0)],
+                            [torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), torch.tensor([6, 7])])
+    subset = images.first(5)
+    assert [b.shape[0] for b in subset.batches] == [3, 2] and subset.num_images == 5
+    assert torch.equal(torch.cat(subset.labels), torch.arange(5))
+    assert images.first(None) is images and images.first(100) is images
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_num_relevance_samples_must_be_a_positive_integer(value):
+    with pytest.raises(ValueError, match="num_relevance_samples"):
+        LRPQConfig(num_relevance_samples=value)
