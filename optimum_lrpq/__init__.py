@@ -4,12 +4,11 @@ Importing the package registers the `lrpq` quantization method (config and quant
 function with transformers, so quantized checkpoints load with `AutoModelForImageClassification.from_pretrained`.
 """
 
-__version__ = "0.1.0"
-
 from .configuration import LRPQConfig
 from .integration.quantizer import LRPQuantizer
 from .integration.registration import register
 from .models import supported_models
+from .version import __version__
 
 register()
 

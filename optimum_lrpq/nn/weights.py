@@ -18,7 +18,7 @@ from ..kernels import KernelBackend, PackedWeight, get_backend
 from ..kernels.reference import dequantize_weight
 from ..quantization import packing, uniform
 from ..quantization.gptq import gptq_quantize
-from ..quantization.range_methods import estimate_range
+from ..quantization.ranges import estimate_range
 
 
 class PackedWeightLayer(nn.Module):

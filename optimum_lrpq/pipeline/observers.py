@@ -11,7 +11,7 @@ import torch
 
 from ..quantization import ranges
 from ..quantization.clipping import clip_activation_samples
-from ..quantization.range_methods import estimate_range
+from ..quantization.ranges import estimate_range
 from ..quantization.uniform import scale_zero_point_from_range
 
 # Values kept per quantizer for the percentile search: 4 MB of float32. Enough for stable 99.999th

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..options import check_bits
+from ..options import RANGE_METHODS, check_bits, check_choice
 from .logarithmic import log_fake_quantize
-from .uniform import _MIN_SCALE, channel_view_shape, qmax, scale_zero_point_from_range
+from .uniform import MIN_SCALE, channel_view_shape, qmax, scale_zero_point_from_range
 
 DEFAULT_PERCENTILES = (0.999, 0.9999, 0.99999)
 
@@ -133,7 +133,7 @@ def log2_search_scale(
     percentiles = _check_percentiles(percentiles)
     flat = _subsample(_checked_rows(x, None), max_samples, generator)
     # A zero quantile (mostly-zero input) would put every value above the top level; keep Δ positive.
-    deltas = row_quantiles(flat, percentiles)[:, 0].clamp_min(_MIN_SCALE)
+    deltas = row_quantiles(flat, percentiles)[:, 0].clamp_min(MIN_SCALE)
     errors = torch.stack([_log_mse(flat, delta, bits, sqrt2) for delta in deltas])
     _check_errors(errors, flat)
     return deltas[errors.argmin()]
@@ -277,3 +277,16 @@ def _subsample(rows: torch.Tensor, max_samples: int | None, generator: torch.Gen
     device = generator.device if generator is not None else rows.device
     keep = torch.randperm(rows.shape[1], generator=generator, device=device)[:max_samples]
     return rows[:, keep.to(rows.device)]
+
+
+def estimate_range(x: torch.Tensor, bits: int, channel_axis: int | None, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) for `x` by the range method named in `LRPQConfig` (`options.RANGE_METHODS`), shaped to
+    broadcast against it."""
+    if method == "minmax":
+        return minmax_range(x, bits, channel_axis=channel_axis)
+    if method == "percentile_mse":
+        return search_range(x, bits, channel_axis=channel_axis)
+    if method == "mse":
+        return mse_range(x, bits, channel_axis=channel_axis)
+    check_choice(method, "range method", RANGE_METHODS)
+    raise AssertionError(f"range method {method!r} is in RANGE_METHODS but has no implementation here")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .ranges import estimate_range
 from .uniform import qmax as _qmax
 
 
@@ -107,7 +108,6 @@ def fold_error(
     consumers of the mean squared output error relative to the mean square of the float output, so that q, k and v
     count alike.
     """
-    from .range_methods import estimate_range
     from .uniform import fake_quantize
 
     r, b, step, zero_point = fold_factors(channel_scale, channel_zero_point, alpha, activation_bits)

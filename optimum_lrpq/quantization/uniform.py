@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 # Smallest step we allow: a zero-width range (constant or dead channel) would otherwise divide by zero.
-_MIN_SCALE = 1e-8
+MIN_SCALE = 1e-8
 
 
 def qmax(bits: int) -> int:
@@ -32,7 +32,7 @@ def scale_zero_point_from_range(
     """
     low = torch.minimum(low.float(), torch.zeros_like(low, dtype=torch.float32))
     high = torch.maximum(high.float(), torch.zeros_like(high, dtype=torch.float32))
-    scale = ((high - low) / qmax(bits)).clamp_min(_MIN_SCALE)
+    scale = ((high - low) / qmax(bits)).clamp_min(MIN_SCALE)
     zero_point = torch.round(-low / scale).clamp(0, qmax(bits))
     return scale, zero_point
 
