@@ -8,8 +8,9 @@ from .configuration import LRPQConfig
 from .integration.quantizer import LRPQuantizer
 from .integration.registration import register
 from .models import supported_models
+from .nn import set_kernel_backend
 from .version import __version__
 
 register()
 
-__all__ = ["LRPQConfig", "LRPQuantizer", "__version__", "supported_models"]
+__all__ = ["LRPQConfig", "LRPQuantizer", "__version__", "set_kernel_backend", "supported_models"]

@@ -137,6 +137,12 @@ class LRPQConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or name suffixes) that stay in floating point.
         calibration_dataset, calibration_split, calibration_image_column: a dataset given by hub name or local
             path, used when quantizing at load time (`from_pretrained(..., quantization_config=...)`).
+        kernel_backend: how a quantized model computes: "auto" (default: an integer backend where this device has
+            integer GEMM units, e.g. "onednn" on x86 CPUs with AVX512-VNNI or AMX, else "reference"), "reference"
+            (dequantize to float and multiply in float: the oracle) or another registered backend (see
+            `optimum_lrpq.kernels.available_backends()`). Calibration always runs on the reference backend. Saved
+            with the model; override after loading with `optimum_lrpq.set_kernel_backend(model, name)` or before it
+            with the environment variable `OPTIMUM_LRPQ_KERNEL_BACKEND`.
         layer_bits, relevance: filled in by the quantizer; saved with the model.
         base_model: the float model's Hub id or path, recorded by the quantizer for the model card.
     """
@@ -175,6 +181,7 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_dataset: str | None = None,
         calibration_split: str = "train",
         calibration_image_column: str | None = None,
+        kernel_backend: str = "auto",
         layer_bits: dict[str, dict[str, int]] | None = None,
         relevance: dict[str, float] | None = None,
         base_model: str | None = None,
@@ -221,6 +228,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.calibration_dataset = calibration_dataset
         self.calibration_split = calibration_split
         self.calibration_image_column = calibration_image_column
+        self.kernel_backend = kernel_backend
         self.layer_bits = layer_bits
         self.relevance = relevance
         self.base_model = base_model
@@ -245,6 +253,9 @@ class LRPQConfig(QuantizationConfigMixin):
             if not self.candidate_bits:
                 raise ValueError("candidate_bits must not be empty; leave it as None for the default set.")
             self.candidate_bits = sorted({check_bits(b, "each of candidate_bits") for b in self.candidate_bits})
+        if not isinstance(self.kernel_backend, str) or not self.kernel_backend:
+            raise ValueError(f"kernel_backend must be 'auto' or a backend name such as 'reference', got "
+                             f"{self.kernel_backend!r}.")
         for flag in ("mixed_precision", "reparameterize"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")

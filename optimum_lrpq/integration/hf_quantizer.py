@@ -8,6 +8,7 @@ tensor from the safetensors file. Quantizing at load time (a float checkpoint pl
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -17,13 +18,16 @@ from transformers.utils import logging
 from ..configuration import LRPQConfig
 from ..data.loading import load_calibration_dataset
 from ..models import get_adapter
-from ..nn import ATTENTION_KEY
+from ..nn import ATTENTION_KEY, set_kernel_backend
 from ..pipeline import quantize
 from ..pipeline.conversion import convert_model
 from .checkpoint import validate_checkpoint
 from .marking import finish_quantized, mark_quantized
 
 logger = logging.get_logger(__name__)
+
+# Overrides the checkpoint's `kernel_backend` when loading (e.g. "reference" to compare against the float oracle).
+KERNEL_BACKEND_VARIABLE = "OPTIMUM_LRPQ_KERNEL_BACKEND"
 
 
 class LRPQHfQuantizer(HfQuantizer):
@@ -67,6 +71,8 @@ class LRPQHfQuantizer(HfQuantizer):
             self._quantize_loaded(model)
         if model.config._attn_implementation != ATTENTION_KEY:
             model.set_attn_implementation(ATTENTION_KEY)
+        backend = os.environ.get(KERNEL_BACKEND_VARIABLE) or self.quantization_config.kernel_backend
+        set_kernel_backend(model, backend)
         finish_quantized(model)  # tags; save_pretrained / push_to_hub write the lrpq model card, atomically
         return model
 

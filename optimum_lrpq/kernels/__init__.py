@@ -4,15 +4,17 @@ Importing this package registers every backend in it. `reference` (dequantize + 
 oracle; an integer backend is one more file here.
 """
 
-from . import reference  # noqa: F401  (registers the reference backend)
+from . import onednn, reference  # noqa: F401  (registers the reference and the oneDNN int8 backends)
 from .backend import (
     ActivationGrid,
     ConvGeometry,
     KernelBackend,
     PackedWeight,
     available_backends,
+    check_backend_name,
     get_backend,
     register_backend,
+    resolve_backend,
 )
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "KernelBackend",
     "PackedWeight",
     "available_backends",
+    "check_backend_name",
     "get_backend",
     "register_backend",
+    "resolve_backend",
 ]

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,8 @@ class KernelBackend(abc.ABC):
     """One way of computing quantized layers. Stateless: per-layer state is what `prepare_weight` returns."""
 
     name: ClassVar[str]
+    # "auto" picks the available backend with the highest priority.
+    priority: ClassVar[int] = 0
 
     @abc.abstractmethod
     def is_available(self, device: torch.device) -> bool:
@@ -78,6 +83,8 @@ class KernelBackend(abc.ABC):
 
 _BACKENDS: dict[str, KernelBackend] = {}
 _DEFAULT = "reference"
+AUTO = "auto"
+_LOGGED: set[tuple[str, str, str]] = set()
 
 
 def register_backend(backend: KernelBackend) -> KernelBackend:
@@ -91,9 +98,39 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str | None = None) -> KernelBackend:
-    """The backend called `name` (None: the default), or a ValueError naming the registered ones."""
+    """The backend called `name` (None: the reference backend), or a ValueError naming the registered ones."""
     name = name or _DEFAULT
     try:
         return _BACKENDS[name]
     except KeyError:
-        raise ValueError(f"Unknown kernel backend {name!r}; registered backends: {available_backends()}.") from None
+        raise ValueError(f"Unknown kernel backend {name!r}; choose 'auto' or one of {available_backends()}.") from None
+
+
+def check_backend_name(name: str | None) -> str | None:
+    """`name` if it is None, "auto" or a registered backend; ValueError otherwise."""
+    if name is not None and name != AUTO:
+        get_backend(name)
+    return name
+
+
+def resolve_backend(name: str | None, device: torch.device) -> KernelBackend:
+    """The backend that computes on `device` when `name` is asked for.
+
+    None: the reference backend. "auto": the available backend with the highest priority (an integer backend where
+    the CPU or GPU has integer units). A named backend that cannot run on `device` (another CPU, a GPU) falls back to
+    the reference backend; the choice is logged once per (request, device).
+    """
+    if name is None:
+        return _BACKENDS[_DEFAULT]
+    if name == AUTO:
+        candidates = sorted(_BACKENDS.values(), key=lambda b: -b.priority)
+        chosen = next(b for b in candidates if b.name == _DEFAULT or b.is_available(device))
+    else:
+        requested = get_backend(name)
+        chosen = requested if requested.is_available(device) else _BACKENDS[_DEFAULT]
+    key = (name, chosen.name, str(device))
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        note = "" if chosen.name == name or name == AUTO else f" ({name!r} is not available on {device})"
+        logger.info(f"optimum-lrpq computes quantized layers on {device} with the {chosen.name!r} kernel backend{note}.")
+    return chosen

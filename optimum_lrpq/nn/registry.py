@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..kernels import check_backend_name
+
 _QMODULES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
@@ -64,13 +66,13 @@ def is_quantized_module(module: nn.Module) -> bool:
 
 
 def set_kernel_backend(model: nn.Module, name: str | None) -> int:
-    """Compute every quantized weight layer of `model` with the kernel backend `name` (None: the default).
+    """Compute every quantized weight layer of `model` with the kernel backend `name`: "auto" (the fastest one
+    available where each layer's weight is), a registered backend ("reference", "onednn", ...), or None (reference).
 
-    Returns how many layers were switched. The backend's derived weight layouts are built on the next forward.
+    Returns how many layers were switched. The backend's derived weight layouts are built on the next forward; a
+    backend that cannot run where a layer is (another device) falls back to the reference backend.
     """
-    from ..kernels import get_backend
-
-    get_backend(name)  # an unknown name fails here, naming the registered backends
+    check_backend_name(name)  # an unknown name fails here, naming the registered backends
     count = 0
     for module in model.modules():
         if is_quantized_module(module) and hasattr(module, "kernel_backend"):

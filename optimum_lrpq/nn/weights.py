@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import KernelBackend, PackedWeight, get_backend
+from ..kernels import KernelBackend, PackedWeight, get_backend, resolve_backend
 from ..kernels.reference import dequantize_weight
 from ..quantization import packing, uniform
 from ..quantization.gptq import gptq_quantize
@@ -24,7 +24,8 @@ from ..quantization.ranges import estimate_range
 class PackedWeightLayer(nn.Module):
     """Shared weight storage and (de)quantization for `QuantLinear` and `QuantConv2d`.
 
-    The arithmetic is a kernel backend's (`optimum_lrpq.kernels`): `kernel_backend` names it (None: the default),
+    The arithmetic is a kernel backend's (`optimum_lrpq.kernels`): `kernel_backend` names it (None: reference;
+    "auto": the fastest available where the weight is),
     and `prepared_weight` holds the backend's derived layout of the codes (never saved; rebuilt when the codes,
     the device or the backend change).
     """
@@ -57,8 +58,9 @@ class PackedWeightLayer(nn.Module):
         if not self.is_frozen:
             raise AttributeError("weight")  # mid-construction: lets nn.Module register the parameter
         bias = self._parameters.get("bias")
-        dtype = bias.dtype if bias is not None else torch.float32
-        return self.prepared_weight(get_backend("reference"), dtype)  # shares the reference backend's cache
+        # Computed on access, not kept: only the kernel backend's own layout stays in memory (model code reads
+        # `patch_embeddings.projection.weight.dtype` once per forward; the patch embedding is small).
+        return self.dequantized_weight(bias.dtype if bias is not None else torch.float32)
 
     @property
     def is_frozen(self) -> bool:
@@ -106,7 +108,8 @@ class PackedWeightLayer(nn.Module):
                             self.weight_zero_point)
 
     def backend(self) -> KernelBackend:
-        return get_backend(self.kernel_backend)
+        """The backend that computes this layer where its weight is (resolves "auto" and unavailable backends)."""
+        return resolve_backend(self.kernel_backend, self.qweight.device)
 
     def prepared_weight(self, backend: KernelBackend, dtype: torch.dtype):
         """`backend`'s layout of the frozen weight for `dtype` (cached; rebuilt when the stored codes change)."""

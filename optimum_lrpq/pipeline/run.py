@@ -18,8 +18,9 @@ from torch import nn
 from transformers.utils import logging
 
 from ..configuration import LRPQConfig, lrpq_config_of
+from ..kernels import check_backend_name
 from ..models import get_adapter
-from ..nn import ATTENTION_KEY, is_quantized_module
+from ..nn import ATTENTION_KEY, is_quantized_module, set_kernel_backend
 from ..options import RELEVANCE_ALLOCATIONS, SENSITIVITY_ALLOCATIONS
 from ..relevance import compute_relevance
 from .calibration import calibrate
@@ -59,6 +60,7 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
     if lrpq_config_of(model) is not None or any(is_quantized_module(m) for m in model.modules()) or (
             getattr(model, "quantization_method", "lrpq") != "lrpq"):
         raise ValueError("This model is already quantized; quantize the original float model instead.")
+    check_backend_name(config.kernel_backend)
     adapter = get_adapter(model)
     layout = adapter.layout(model)
     calibration = prepare_calibration_data(
@@ -81,6 +83,7 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
         model.set_attn_implementation(previous_attention)
         model.train(was_training)
         raise
+    set_kernel_backend(model, config.kernel_backend)  # calibration ran on the reference backend
     config.layer_bits = layer_bits
     config.relevance = result.relevance
     config.base_model = config.base_model or getattr(model.config, "_name_or_path", None) or None
