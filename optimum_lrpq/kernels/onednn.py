@@ -38,7 +38,6 @@ saved or copied); deepcopy/pickle of a prepared weight rebuild it from the store
 from __future__ import annotations
 
 import collections
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -151,10 +150,35 @@ class _Terms:
 
 
 @dataclass(eq=False)
+class _GroupedTerms:
+    """A per-channel input grid whose steps take a few distinct values: one oneDNN GEMM per group of channels.
+
+    Channels are reordered so each group is a contiguous block of `order`; `packs[g]` holds the int8 weight
+    columns of group g, `scales[g]` its step and `zero_points[g]` the integer given to oneDNN; the per-channel zero
+    points' remainders are folded into `bias`."""
+
+    order: torch.Tensor  # int64 [K]: channel indices, grouped
+    bounds: list[tuple[int, int]]  # [start, end) of each group in `order`
+    packs: list[torch.Tensor]  # opaque MKLDNN int8 tensors [N, K_g]
+    scales: list[float]
+    zero_points: list[int]
+    scale: torch.Tensor  # float32 [K], the per-channel grid as given (for the input codes)
+    zero_point: torch.Tensor  # float32 [K]
+    bias: torch.Tensor  # float32 [N]
+    coef: torch.Tensor | None  # float32 [N] (sw*e), None when every e is 0
+    step: torch.Tensor | None  # float32 [K] per-channel steps (rank-1 term only)
+    shift: float  # sum_c s_c z_c (rank-1 term only)
+
+
+# A per-channel grid with more distinct steps than this runs on the reference math (one GEMM per group).
+MAX_STEP_GROUPS = 8
+
+
+@dataclass(eq=False)
 class OneDNNWeight:
     """A linear weight prepared for `onednn::qlinear_pointwise` (see the module docstring for the formula)."""
 
-    packed: torch.Tensor  # opaque MKLDNN int8 tensor, [N, K] as prepacked by oneDNN
+    packed: torch.Tensor | None  # opaque MKLDNN int8 tensor [N, K] (None while per-group packs serve the layer)
     in_features: int
     out_features: int
     weight_scale: torch.Tensor  # float32 [N]
@@ -173,8 +197,9 @@ class OneDNNWeight:
             weight = self._dense[dtype] = dequantize_weight(self.source, dtype)
         return weight
 
-    def terms(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Terms | None:
-        """The grid- and bias-dependent constants (None: the grid is per channel with distinct values).
+    def terms(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Terms | _GroupedTerms | None:
+        """The grid- and bias-dependent constants (None: a per-channel grid with more than `MAX_STEP_GROUPS`
+        distinct steps, or a degenerate one).
 
         Cached for the last (grid, bias) seen: the key holds the tensors themselves (identity) and their versions,
         so replacing or editing the grid or the bias in place recomputes them."""
@@ -185,22 +210,70 @@ class OneDNNWeight:
         self._terms_key, self._terms = key, terms
         return terms
 
-    def _compute_terms(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Terms | None:
+    def _compute_terms(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Terms | _GroupedTerms | None:
         scale, zero_point = grid.scale.reshape(-1), grid.zero_point.reshape(-1)
-        sx, zx = float(scale[0]), float(zero_point[0])
-        if (scale.numel() > 1 and not bool((scale == scale[0]).all())) or (
-                zero_point.numel() > 1 and not bool((zero_point == zero_point[0]).all())):
-            return None
-        if not (sx > 0 and math.isfinite(sx) and math.isfinite(zx)):
+        if not (bool(torch.isfinite(scale).all()) and bool((scale > 0).all()) and bool(torch.isfinite(zero_point).all())):
             return None  # a degenerate grid: leave it to the reference math
-        zi = min(max(round(zx), 0), 255)
-        f = zx - zi
         sw = self.weight_scale.double()
         b = bias.detach().double() if bias is not None else torch.zeros_like(sw)
-        extra = self.row_sum if self.offset is None else self.row_sum + self.offset * self.in_features
-        folded = (b - sx * sw * f * extra).float()
-        coef = None if self.offset is None else (sx * sw * self.offset).float()
-        return _Terms(sx, zi, folded.contiguous(), coef)
+        if bool((scale == scale[0]).all()) and bool((zero_point == zero_point[0]).all()):
+            sx, zx = float(scale[0]), float(zero_point[0])
+            zi = min(max(round(zx), 0), 255)
+            f = zx - zi
+            extra = self.row_sum if self.offset is None else self.row_sum + self.offset * self.in_features
+            folded = (b - sx * sw * f * extra).float()
+            coef = None if self.offset is None else (sx * sw * self.offset).float()
+            return _Terms(sx, zi, folded.contiguous(), coef)
+        if scale.numel() != self.in_features or zero_point.numel() not in (1, self.in_features):
+            return None
+        return self._grouped_terms(scale, zero_point.expand(self.in_features), b, sw)
+
+    def _grouped_terms(self, scale: torch.Tensor, zero_point: torch.Tensor, b: torch.Tensor,
+                       sw: torch.Tensor) -> _GroupedTerms | None:
+        """y = sum_g s_g*sw * (q_g - zi_g) @ W_gᵀ  +  b - sw * W @ (s * (z - zi))  [+ sw*e * sum_c s_c (q_c - z_c)]."""
+        steps, group_of = torch.unique(scale, return_inverse=True)
+        if steps.numel() > MAX_STEP_GROUPS:
+            return None
+        order = torch.argsort(group_of, stable=True)
+        w = self.int8_weight()
+        packs, scales, zero_points, bounds = [], [], [], []
+        remainder = torch.empty(self.in_features, dtype=torch.float64)
+        start = 0
+        for g in range(steps.numel()):
+            channels = order[start:start + int((group_of == g).sum())]
+            end = start + channels.numel()
+            zi = min(max(round(float(zero_point[channels].double().mean())), 0), 255)
+            remainder[channels] = zero_point[channels].double() - zi
+            packs.append(torch.ops.onednn.qlinear_prepack(w[:, channels].contiguous(), None))
+            scales.append(float(steps[g]))
+            zero_points.append(zi)
+            bounds.append((start, end))
+            start = end
+        step = scale.double()
+        folded = b - sw * (w.double() @ (step * remainder))
+        coef, step_f, shift = None, None, 0.0
+        if self.offset is not None:
+            folded = folded - sw * self.offset * float((step * remainder).sum())
+            coef = (sw * self.offset).float()
+            step_f = scale.float().contiguous()
+            shift = float((step * (zero_point.double() - remainder)).sum())  # sum_c s_c zi_c
+        self.packed = None  # a layer keeps one grid: the per-group packs replace the whole-matrix one
+        return _GroupedTerms(order, bounds, packs, scales, zero_points, scale.float().contiguous(),
+                             zero_point.float().contiguous(), folded.float().contiguous(), coef, step_f, shift)
+
+    def whole_pack(self) -> torch.Tensor:
+        """The prepacked [N, K] matrix (rebuilt if a grouped grid released it)."""
+        if self.packed is None:
+            self.packed = torch.ops.onednn.qlinear_prepack(self.int8_weight().contiguous(), None)
+        return self.packed
+
+    def int8_weight(self) -> torch.Tensor:
+        """W = qw - t (int8 [N, K]), recomputed from the stored codes (only the prepacked form is kept)."""
+        codes = packing.unpack(self.source.codes, self.source.bits, self.in_features).to(torch.int32)
+        target = self.source.zero_point.detach().reshape(-1).to(torch.int32)
+        if self.offset is not None:
+            target = target + self.offset.round().to(torch.int32)
+        return (codes - target[:, None]).to(torch.int8)
 
     def __reduce__(self):
         # The MKLDNN tensor cannot be pickled or deep-copied: rebuild it from the stored codes instead.
@@ -240,6 +313,24 @@ def _prepare_linear(weight: PackedWeight) -> OneDNNWeight | None:
 def _rebuild(source: PackedWeight) -> OneDNNWeight | torch.Tensor:
     prepared = _prepare_linear(source) if supported() else None
     return prepared if prepared is not None else dequantize_weight(source, torch.float32)
+
+
+def _grouped_linear(x2: torch.Tensor, weight: OneDNNWeight, terms: _GroupedTerms, qmax: int) -> torch.Tensor:
+    """One oneDNN GEMM per group of channels sharing a step (see `OneDNNWeight._grouped_terms`)."""
+    codes = _quantize(x2, terms.scale, terms.zero_point, qmax)  # per-channel grid, the reference's codes
+    grouped = codes.index_select(1, terms.order)
+    y = None
+    for (start, end), pack, step, zi in zip(terms.bounds, terms.packs, terms.scales, terms.zero_points,
+                                            strict=True):
+        part = torch.ops.onednn.qlinear_pointwise(grouped[:, start:end].contiguous(), step, zi, pack,
+                                                  weight.weight_scale, weight.weight_zero_points,
+                                                  terms.bias if y is None else None, 1.0, 0, torch.float32,
+                                                  "none", [], "")
+        y = part if y is None else y.add_(part)
+    if terms.coef is not None:  # sum_c s_c (q_c - zi_c), per row
+        weighted = codes.float() @ terms.step - terms.shift
+        y.addr_(weighted, terms.coef)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------- backend
@@ -282,15 +373,19 @@ class OneDNNBackend(KernelBackend):
         PATH_COUNTS["integer"] += 1
         lead = x.shape[:-1]
         x2 = x.reshape(-1, weight.in_features)
-        scale = input_grid.scale.reshape(-1)[:1]
-        zero_point = input_grid.zero_point.reshape(-1)[:1]
-        codes = _quantize(x2, scale, zero_point, (1 << input_grid.bits) - 1)
-        y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, weight.packed,
-                                               weight.weight_scale, weight.weight_zero_points, terms.bias,
-                                               1.0, 0, torch.float32, "none", [], "")
-        if terms.coef is not None:
-            row_sums = codes.sum(dim=1, dtype=torch.int32) - weight.in_features * terms.zero_point
-            y.addr_(row_sums.float(), terms.coef)
+        qmax = (1 << input_grid.bits) - 1
+        if isinstance(terms, _GroupedTerms):
+            y = _grouped_linear(x2, weight, terms, qmax)
+        else:
+            scale = input_grid.scale.reshape(-1)[:1]
+            zero_point = input_grid.zero_point.reshape(-1)[:1]
+            codes = _quantize(x2, scale, zero_point, qmax)
+            y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, weight.whole_pack(),
+                                                   weight.weight_scale, weight.weight_zero_points, terms.bias,
+                                                   1.0, 0, torch.float32, "none", [], "")
+            if terms.coef is not None:
+                row_sums = codes.sum(dim=1, dtype=torch.int32) - weight.in_features * terms.zero_point
+                y.addr_(row_sums.float(), terms.coef)
         if grad and bias is not None and bias.requires_grad:
             y = y + (bias - bias.detach())  # exactly +0, but carries the bias' gradient
         return y.reshape(*lead, weight.out_features)

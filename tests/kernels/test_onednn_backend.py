@@ -123,6 +123,30 @@ def test_fallbacks_are_the_reference_math(counts):
     assert ONEDNN.linear(xb, prepared, bias.bfloat16(), grid).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("weight_bits", [4, 8])
+@pytest.mark.parametrize("groups", [2, 5, onednn.MAX_STEP_GROUPS])
+def test_per_channel_grid_with_few_steps_runs_one_gemm_per_step(weight_bits, groups, counts):
+    """Per-channel steps from a small set (fractional per-channel zero points): integer, equal to the reference."""
+    weight, codes = random_weight(24, 40, weight_bits, seed=groups)
+    prepared = ONEDNN.prepare_weight(weight, torch.float32)
+    dense = REFERENCE.prepare_weight(weight, torch.float32)
+    g = torch.Generator().manual_seed(groups)
+    steps = 0.01 * 2.0 ** torch.arange(groups, dtype=torch.float32)
+    scale = steps[torch.randint(0, groups, (40,), generator=g)]
+    scale[:groups] = steps  # every step used
+    zero_point = torch.randint(0, 16, (40,), generator=g).float() + torch.rand(40, generator=g)
+    grid = ActivationGrid(scale, zero_point, 4)
+    x = torch.randn(3, 9, 40, generator=g) * 0.1
+    bias = torch.randn(24, generator=g)
+    y = ONEDNN.linear(x, prepared, bias, grid)
+    reference = REFERENCE.linear(x, dense, bias, grid)
+    assert relative_error(y, reference) < 1e-5
+    assert counts == {"integer": 1}
+    too_many = ActivationGrid(0.01 * (1 + torch.arange(40, dtype=torch.float32) / 40), zero_point, 4)
+    assert torch.equal(ONEDNN.linear(x, prepared, bias, too_many), REFERENCE.linear(x, dense, bias, too_many))
+    assert counts == {"integer": 1, "reference": 1}
+
+
 def test_autograd_falls_back_or_keeps_the_bias_gradient(counts):
     weight, _ = random_weight(16, 24, 4)
     prepared = ONEDNN.prepare_weight(weight, torch.float32)
