@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,6 +126,35 @@ def _quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qm
             warnings.warn(f"oneDNN backend: compiling the input quantization failed ({error!r}); using eager ops.",
                           RuntimeWarning, stacklevel=2)
     return _quantize_eager(x, scale, zero_point, qmax)
+
+
+class _LastCodes:
+    """The codes of the last input quantized on a producer's grid (`applied=True`), for its next consumers.
+
+    q, k and v (and Swin's / DINOv2's equivalents) read the same LayerNorm output: quantizing it once instead of
+    three times saves two elementwise passes per block. A hit needs the very same tensor object (held weakly, so a
+    freed input can never match a new one), the same storage, shape and version counter (where the tensor has one:
+    inference tensors do not, and cannot be modified in place outside inference mode), and the same grid tensors."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._codes: torch.Tensor | None = None
+
+    @staticmethod
+    def _key_of(x: torch.Tensor, grid: ActivationGrid, qmax: int) -> tuple:
+        return (x.data_ptr(), tuple(x.shape), _version(x), id(grid.scale), _version(grid.scale), id(grid.zero_point),
+                _version(grid.zero_point), qmax)
+
+    def get(self, x: torch.Tensor, grid: ActivationGrid, qmax: int) -> torch.Tensor | None:
+        if self._key is None or self._ref() is not x or self._key != self._key_of(x, grid, qmax):
+            return None
+        return self._codes
+
+    def put(self, x: torch.Tensor, grid: ActivationGrid, qmax: int, codes: torch.Tensor) -> None:
+        self._ref, self._key, self._codes = weakref.ref(x), self._key_of(x, grid, qmax), codes
+
+
+_SHARED_CODES = _LastCodes()
 
 
 # ---------------------------------------------------------------------------------------------- prepared weight
@@ -357,6 +387,9 @@ class OneDNNBackend(KernelBackend):
                 return prepared
         return dequantize_weight(weight, dtype)
 
+    # torch.compile cannot trace the oneDNN call on an opaque prepacked weight: the compiled graph breaks here and
+    # this method runs eagerly, the rest of the model compiled.
+    @torch.compiler.disable
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
                input_grid: ActivationGrid | None) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):  # the reference layout (see prepare_weight)
@@ -377,9 +410,13 @@ class OneDNNBackend(KernelBackend):
         if isinstance(terms, _GroupedTerms):
             y = _grouped_linear(x2, weight, terms, qmax)
         else:
-            scale = input_grid.scale.reshape(-1)[:1]
-            zero_point = input_grid.zero_point.reshape(-1)[:1]
-            codes = _quantize(x2, scale, zero_point, qmax)
+            codes = _SHARED_CODES.get(x, input_grid, qmax) if input_grid.applied else None
+            if codes is None:
+                scale = input_grid.scale.reshape(-1)[:1]
+                zero_point = input_grid.zero_point.reshape(-1)[:1]
+                codes = _quantize(x2, scale, zero_point, qmax)
+                if input_grid.applied:
+                    _SHARED_CODES.put(x, input_grid, qmax, codes)
             y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, weight.whole_pack(),
                                                    weight.weight_scale, weight.weight_zero_points, terms.bias,
                                                    1.0, 0, torch.float32, "none", [], "")

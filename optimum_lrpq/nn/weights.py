@@ -120,6 +120,10 @@ class PackedWeightLayer(nn.Module):
             self._cache_key = key
         return self._cache
 
+    # Runs eagerly under torch.compile: the backend's cached layout is keyed on the stored tensors, and integer
+    # kernels take opaque prepacked weights that cannot be traced; the rest of the model (LayerNorm, GELU, attention,
+    # activation quantizers) still compiles, without one recompilation per layer.
+    @torch.compiler.disable
     def compute(self, x: torch.Tensor, input_quant: nn.Module | None, op: str, *args) -> torch.Tensor:
         """The layer's product through its kernel backend: `op` ("linear" or "conv2d") of `x` on `input_quant`'s
         grid (None: `x` is already quantized upstream or stays as is) with the weight, `args` after the bias.

@@ -147,6 +147,27 @@ def test_per_channel_grid_with_few_steps_runs_one_gemm_per_step(weight_bits, gro
     assert counts == {"integer": 1, "reference": 1}
 
 
+def test_consumers_of_one_producer_share_the_input_codes(monkeypatch):
+    """q, k and v read one LayerNorm output: it is quantized once, and again only when it changes."""
+    calls = []
+    real = onednn._quantize
+    monkeypatch.setattr(onednn, "_quantize", lambda *a: calls.append(1) or real(*a))
+    weights = [ONEDNN.prepare_weight(random_weight(16, 24, 4, seed=i)[0], torch.float32) for i in range(3)]
+    grid, x = random_grid(torch.randn(5, 24), 6, applied=True)
+    with torch.no_grad():
+        first = [ONEDNN.linear(x, w, None, grid) for w in weights]
+        assert len(calls) == 1
+        x.mul_(0.5)  # the same tensor, edited in place: new codes
+        second = [ONEDNN.linear(x, w, None, grid) for w in weights]
+        assert len(calls) == 2 and not torch.equal(first[0], second[0])
+        fresh = x.clone()  # equal values, another tensor: quantized again
+        assert torch.equal(ONEDNN.linear(fresh, weights[0], None, grid), second[0]) and len(calls) == 3
+        own = ActivationGrid(grid.scale, grid.zero_point, grid.bits)  # a layer's own grid: never shared
+        ONEDNN.linear(x, weights[0], None, own)
+        ONEDNN.linear(x, weights[1], None, own)
+        assert len(calls) == 5
+
+
 def test_autograd_falls_back_or_keeps_the_bias_gradient(counts):
     weight, _ = random_weight(16, 24, 4)
     prepared = ONEDNN.prepare_weight(weight, torch.float32)
