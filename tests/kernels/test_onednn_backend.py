@@ -127,7 +127,7 @@ def test_fallbacks_are_the_reference_math(counts):
 @pytest.mark.parametrize("groups", [2, 5, onednn.MAX_STEP_GROUPS])
 def test_per_channel_grid_with_few_steps_runs_one_gemm_per_step(weight_bits, groups, counts):
     """Per-channel steps from a small set (fractional per-channel zero points): integer, equal to the reference."""
-    weight, codes = random_weight(24, 40, weight_bits, seed=groups)
+    weight, _ = random_weight(24, 40, weight_bits, seed=groups)
     prepared = ONEDNN.prepare_weight(weight, torch.float32)
     dense = REFERENCE.prepare_weight(weight, torch.float32)
     g = torch.Generator().manual_seed(groups)
