@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import torch
 from safetensors import safe_open
 from torch import nn
+
+from ..nn import ActivationQuantizer, PackedWeightLayer
 
 # dtypes a quantized checkpoint must use for the tensors the plugin adds (suffix -> safetensors dtype name).
 _QUANT_DTYPES = {
@@ -84,3 +87,50 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Sequence[str] | None
             "This lrpq checkpoint does not match its quantization config: " + "; ".join(problems) + ". It is "
             "corrupt, was modified, or was written by an incompatible version; re-export it with optimum-lrpq."
         )
+
+
+def validate_grids(model: nn.Module) -> None:
+    """After loading: every stored grid must be one the quantized layers (and their integer kernels) can use.
+
+    Weight zero points must be whole numbers on the code range (integer kernels subtract them from int8 codes) and
+    steps positive and finite; activation steps positive and finite, zero points finite and on the code range
+    (they may be fractional: the LayerNorm reparameterization produces such). A hand-edited or corrupt value is
+    refused with its tensor named, instead of running silently wrong or silently slow.
+    """
+    problems = []
+    for name, module in model.named_modules():
+        if isinstance(module, PackedWeightLayer) and module.is_frozen:
+            qmax = (1 << module.weight_bits) - 1
+            problems += _grid_problems(name, "weight_scale", module.weight_scale, None, None)
+            problems += _grid_problems(name, "weight_zero_point", None, module.weight_zero_point, qmax,
+                                       integer=True)
+        elif isinstance(module, ActivationQuantizer):
+            zero_point = getattr(module, "zero_point", None)
+            problems += _grid_problems(name, "scale", module.scale, None, None)
+            if zero_point is not None:
+                problems += _grid_problems(name, "zero_point", None, zero_point, (1 << module.bits) - 1)
+        if len(problems) >= 5:
+            break
+    if problems:
+        raise CorruptCheckpointError(
+            "This lrpq checkpoint holds grids no quantized layer can use: " + "; ".join(problems[:5]) + ". It is "
+            "corrupt or was edited by hand; re-export it with optimum-lrpq (quantize the float model again)."
+        )
+
+
+def _grid_problems(module: str, field: str, scale, zero_point, qmax: int | None, integer: bool = False) -> list[str]:
+    name = f"{module}.{field}" if module else field
+    if scale is not None:
+        bad = ~torch.isfinite(scale) | (scale <= 0)
+        if bool(bad.any()):
+            return [(f"{name!r} has {int(bad.sum())} step(s) that are not positive finite numbers "
+                     f"(e.g. {scale[bad].reshape(-1)[0].item():g})")]
+    if zero_point is not None:
+        bad = ~torch.isfinite(zero_point) | (zero_point < 0) | (zero_point > qmax)
+        if integer:
+            bad |= zero_point != torch.round(zero_point)
+        if bool(bad.any()):
+            kind = "whole numbers in" if integer else "in"
+            return [(f"{name!r} has {int(bad.sum())} zero point(s) not {kind} [0, {qmax}] "
+                     f"(e.g. {zero_point[bad].reshape(-1)[0].item():g})")]
+    return []

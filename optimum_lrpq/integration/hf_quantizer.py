@@ -21,7 +21,7 @@ from ..models import get_adapter
 from ..nn import ATTENTION_KEY, set_kernel_backend
 from ..pipeline import quantize
 from ..pipeline.conversion import convert_model
-from .checkpoint import validate_checkpoint
+from .checkpoint import validate_checkpoint, validate_grids
 from .marking import finish_quantized, mark_quantized
 
 logger = logging.get_logger(__name__)
@@ -69,6 +69,8 @@ class LRPQHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
         if not self.pre_quantized:
             self._quantize_loaded(model)
+        else:
+            validate_grids(model)
         if model.config._attn_implementation != ATTENTION_KEY:
             model.set_attn_implementation(ATTENTION_KEY)
         backend = os.environ.get(KERNEL_BACKEND_VARIABLE) or self.quantization_config.kernel_backend

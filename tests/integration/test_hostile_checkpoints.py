@@ -52,6 +52,33 @@ def test_tampered_tensors(saved, tmp_path, edit, message):
         AutoModelForImageClassification.from_pretrained(tampered(saved, tmp_path, edit))
 
 
+WEIGHT_ZERO_POINT = "vit.encoder.layer.0.intermediate.dense.weight_zero_point"
+INPUT_SCALE = "vit.encoder.layer.0.output.dense.input_quant.scale"
+
+
+def _set_first(name: str, value: float):
+    def edit(tensors):
+        tensors[name] = tensors[name].clone()
+        tensors[name].view(-1)[0] = value
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_set_first(WEIGHT_ZERO_POINT, 3.5), r"'vit.layers.0.mlp.fc1.weight_zero_point' has 1 zero point\(s\) not whole"),
+        (_set_first(WEIGHT_ZERO_POINT, 99.0), r"not whole numbers in \[0, 15\]"),
+        (_set_first(INPUT_SCALE, 0.0), r"'vit.layers.0.mlp.fc2.input_quant.scale' has 1 step\(s\) that are not positive"),
+        (_set_first(INPUT_SCALE, float("nan")), "not positive finite"),
+    ],
+    ids=["fractional-weight-zero-point", "weight-zero-point-off-range", "zero-step", "nan-step"],
+)
+def test_grids_no_kernel_can_use_are_refused(saved, tmp_path, edit, message):
+    """A hand-edited grid (integer kernels need whole weight zero points, every kernel positive steps)."""
+    with pytest.raises(ValueError, match=message):
+        AutoModelForImageClassification.from_pretrained(tampered(saved, tmp_path, edit))
+
+
 def test_truncated_file(saved, tmp_path):
     target = tmp_path / "truncated"
     shutil.copytree(saved, target)
