@@ -61,6 +61,8 @@ class KernelBackend(abc.ABC):
     name: ClassVar[str]
     # "auto" picks the available backend with the highest priority.
     priority: ClassVar[int] = 0
+    # What `is_available` asks of the device, for the message when a requested backend cannot run.
+    requirements: ClassVar[str] = "nothing"
 
     @abc.abstractmethod
     def is_available(self, device: torch.device) -> bool:
@@ -131,6 +133,10 @@ def resolve_backend(name: str | None, device: torch.device) -> KernelBackend:
     key = (name, chosen.name, str(device))
     if key not in _LOGGED:
         _LOGGED.add(key)
-        note = "" if chosen.name == name or name == AUTO else f" ({name!r} is not available on {device})"
-        logger.info(f"optimum-lrpq computes quantized layers on {device} with the {chosen.name!r} kernel backend{note}.")
+        message = f"optimum-lrpq computes quantized layers on {device} with the {chosen.name!r} kernel backend"
+        if chosen.name == name or name == AUTO:
+            logger.info(message + ".")
+        else:  # asked for by name and not possible here: say so (once), the model still runs
+            logger.warning(f"{message}: {name!r} is not available on {device} (it needs "
+                           f"{requested.requirements}).")
     return chosen

@@ -369,6 +369,7 @@ def _grouped_linear(x2: torch.Tensor, weight: OneDNNWeight, terms: _GroupedTerms
 class OneDNNBackend(KernelBackend):
     name = "onednn"
     priority = 10  # preferred over the reference backend by "auto" where it is available
+    requirements = "a CPU with AVX512-VNNI, AVX-VNNI or AMX-INT8 and a torch build with oneDNN"
 
     def is_available(self, device: torch.device) -> bool:
         try:

@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import build, logits, pixels
 from transformers import AutoModelForImageClassification
+from transformers.utils import logging
 
 import optimum_lrpq
 from optimum_lrpq import LRPQConfig, LRPQuantizer
@@ -32,11 +33,19 @@ class _NowhereBackend(ReferenceBackend):
 register_backend(_NowhereBackend())
 
 
-def test_auto_prefers_the_highest_priority_available_backend():
+def test_auto_prefers_the_highest_priority_available_backend(caplog):
     chosen = resolve_backend("auto", torch.device("cpu"))
     assert chosen.name != "nowhere-test" and chosen.is_available(torch.device("cpu"))
     assert resolve_backend(None, torch.device("cpu")).name == "reference"
-    assert resolve_backend("nowhere-test", torch.device("cpu")).name == "reference"
+    logger = logging.get_logger("optimum_lrpq.kernels.backend")
+    logger.addHandler(caplog.handler)
+    try:
+        assert resolve_backend("nowhere-test", torch.device("cpu")).name == "reference"
+        assert resolve_backend("nowhere-test", torch.device("cpu")).name == "reference"
+    finally:
+        logger.removeHandler(caplog.handler)
+    warnings = {(r.created, r.getMessage()) for r in caplog.records if r.levelname == "WARNING"}  # one per record
+    assert len(warnings) == 1 and "'nowhere-test' is not available on cpu" in warnings.pop()[1]
 
 
 def test_unknown_backend_names_the_registered_ones():
