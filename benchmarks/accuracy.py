@@ -156,6 +156,13 @@ ROWS: list[Row] = [
     lrpq(4, 8, softmax_quantizer="log_sqrt2"),
     lrpq(6, 6, mlp_hidden_range="minmax"),
     lrpq(4, 4, mlp_hidden_range="minmax"),
+    # per-channel o_proj/fc2 input steps constrained to G levels s_max / 2**g (one integer GEMM per step group),
+    # next to the defaults (one step per channel) and the per-tensor rows
+    lrpq(8, 8, linear_input_granularity="per_tensor"),
+    lrpq(4, 8, linear_input_granularity="per_tensor"),
+    lrpq(4, 4, mixed_precision=True, linear_input_granularity="per_tensor"),
+    *(lrpq(w, a, activation_step_groups=g) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)) for g in (2, 4, 8)),
+    *(lrpq(4, 4, mixed_precision=True, activation_step_groups=g) for g in (2, 4, 8)),
     # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
     lrpq(4, 4, activation_range="percentile_mse", quick=True),
     lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),

@@ -19,6 +19,8 @@ GRANULARITIES = ("per_tensor", "per_channel")
 ATTENTION_GRANULARITIES = ("per_tensor", "per_head")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
 CLIPPING_RULES = ("ccq_a", "ccq_b")
+# `activation_step_groups`: per-channel input steps take at most G values, s_max / STEP_GROUP_RATIO**g (g < G).
+STEP_GROUP_RATIO = 2.0
 
 RELEVANCE_TARGETS = ("predicted", "label")
 RELEVANCE_SCORES = ("linear_abs", "operands", "branch", "weight")
@@ -41,6 +43,15 @@ def check_bits(value: Any, what: str = "bits") -> int:
         )
     if not MIN_BITS <= int(value) <= MAX_BITS:
         raise ValueError(f"{what} must be between {MIN_BITS} and {MAX_BITS} bits, got {value}.")
+    return int(value)
+
+
+def check_step_groups(value: Any, what: str = "activation_step_groups") -> int | None:
+    """`value` as an int if it is None or a positive integer number of step groups; ValueError otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{what} must be None (one step per channel) or a positive integer, got {value!r}.")
     return int(value)
 
 

@@ -16,7 +16,7 @@ from transformers.utils import logging
 
 from ..configuration import LRPQConfig
 from ..models import ModelLayout
-from ..nn import ActivationQuantizer, PackedWeightLayer, QuantConv2d, QuantLayerNorm, UniformQuantizer
+from ..nn import ActivationQuantizer, PackedWeightLayer, QuantConv2d, QuantLayerNorm, QuantLinear, UniformQuantizer
 from ..quantization.clipping import clip_channel_scales
 from ..quantization.gptq import gptq_quantize
 from ..quantization.reparameterization import reparameterize, search_fold_strength
@@ -35,6 +35,10 @@ def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int,
     """
     observers = []
     layernorm_quants = {id(m.out_quant) for m in model.modules() if isinstance(m, QuantLayerNorm)}
+    # `activation_step_groups` constrains the per-channel linear inputs (o_proj, fc2) only: not the LayerNorm outputs
+    # (reparameterized into one step) nor the per-head q/k/v grids.
+    linear_inputs = {id(m.input_quant) for m in model.modules()
+                     if isinstance(m, QuantLinear) and m.input_quant is not None}
     for index, (name, module) in enumerate(model.named_modules()):
         if isinstance(module, ActivationQuantizer):
             per_channel = module.per_channel
@@ -43,9 +47,11 @@ def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int,
             keep = method != "minmax" or (
                 (config.clipping == "ccq_a" or _searches_fold(config)) and id(module) in layernorm_quants
             )
+            step_groups = config.activation_step_groups if per_channel and id(module) in linear_inputs else None
             module.observer = ActivationObserver(name, per_channel, method, num_batches,
                                                  seed=config.seed + index, keep_samples=keep,
-                                                 fallback_method=config.activation_range if mlp else None)
+                                                 fallback_method=config.activation_range if mlp else None,
+                                                 step_groups=step_groups)
             observers.append(module.observer)
     return observers
 

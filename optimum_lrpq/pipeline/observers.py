@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from ..options import STEP_GROUP_RATIO
 from ..quantization import ranges
 from ..quantization.clipping import clip_activation_samples
 from ..quantization.ranges import estimate_range
+from ..quantization.step_groups import group_steps, zero_points_for_steps
 from ..quantization.uniform import scale_zero_point_from_range
 
 # Values kept per quantizer for the percentile search: 4 MB of float32. Enough for stable 99.999th
@@ -26,12 +28,16 @@ class NonFiniteActivationError(ValueError):
 class ActivationObserver:
     def __init__(self, name: str, per_channel: bool, method: str, num_batches: int, seed: int,
                  max_samples: int = DEFAULT_MAX_SAMPLES, keep_samples: bool | None = None,
-                 fallback_method: str | None = None):
+                 fallback_method: str | None = None, step_groups: int | None = None,
+                 step_group_ratio: float = STEP_GROUP_RATIO):
         self.name = name
         self.per_channel = per_channel
         self.method = method
         # Range method of the tensor-level grid a per-channel observer falls back to with too few rows (None: `method`).
         self.fallback_method = fallback_method
+        # Per-channel grids only: constrain the channel steps to this many geometric levels (None: one step each).
+        self.step_groups = step_groups
+        self.step_group_ratio = step_group_ratio
         # min/max needs no samples, unless the samples are clipped first (CCQ-a).
         self.keep_samples = method != "minmax" if keep_samples is None else keep_samples
         self.low: torch.Tensor | None = None
@@ -90,11 +96,33 @@ class ActivationObserver:
         """(scale, zero_point) as 1-D tensors: one element per tensor, or one per channel.
 
         `clip_percentile` (CCQ-a) clamps the samples to their tensor-level percentile range first. A per-channel
-        observer that saw fewer than `min_rows` vectors gives every channel the tensor-level grid instead.
+        observer that saw fewer than `min_rows` vectors gives every channel the tensor-level grid instead. With
+        `step_groups`, the channel steps are then rounded up to that many levels (`quantization.step_groups`).
         """
         self._check_observed()
         if self.per_channel and self.rows < min_rows:
-            return self._tensor_grid_for_channels(bits)
+            return self._tensor_grid_for_channels(bits)  # one shared step: already a single group
+        scale, zero_point = self._grid(bits, clip_percentile)
+        if self.per_channel and self.step_groups is not None:
+            scale, zero_point = self._grouped(scale, zero_point, bits, exact_low=self.method == "minmax"
+                                              and clip_percentile is None)
+        return scale, zero_point
+
+    def _grouped(self, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
+                 exact_low: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps rounded up to the step groups; each channel's zero point recomputed for its new step.
+
+        The zero point places the low end of the channel's range on the new grid (the formula of
+        `scale_zero_point_from_range`). That low end is the observed minimum for a min/max grid; a searched range is
+        known only through its grid, whose lowest level -zero_point * scale is the searched low end to within half a
+        step. A channel whose step is already a level keeps its grid exactly.
+        """
+        grouped = group_steps(scale, self.step_groups, self.step_group_ratio)
+        low = self.low.cpu() if exact_low else -zero_point * scale
+        changed = grouped != scale
+        return grouped, torch.where(changed, zero_points_for_steps(low, grouped, bits), zero_point)
+
+    def _grid(self, bits: int, clip_percentile: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.method == "minmax" and clip_percentile is None:
             return scale_zero_point_from_range(self.low.cpu(), self.high.cpu(), bits)
         if not self._samples:
