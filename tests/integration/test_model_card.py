@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from huggingface_hub import ModelCard
-from test_cli import single_thread  # noqa: F401
+from local_files import single_thread  # noqa: F401
 from tiny_models import build, pixels
 from transformers import AutoModelForImageClassification
 
