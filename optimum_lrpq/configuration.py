@@ -56,6 +56,14 @@ def lrpq_config_of(model_or_config: Any) -> LRPQConfig | None:
     return quantization
 
 
+def require_lrpq_config(model: Any) -> LRPQConfig:
+    """`lrpq_config_of(model)`, or a ValueError saying the model is not lrpq-quantized and what to do."""
+    config = lrpq_config_of(model)
+    if config is None:
+        raise ValueError("This model is not quantized with lrpq; run LRPQuantizer.quantize_model first.")
+    return config
+
+
 def _check_positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{what} must be a positive integer, got {value!r}.")

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from ..configuration import lrpq_config_of
+from ..configuration import require_lrpq_config
 from ..reporting.summary import bits_summary, ordered_layer_names, weight_layer_names
 from ..version import __version__
 
@@ -38,13 +38,6 @@ def is_hub_id(name: Any) -> bool:
 def is_lrpq_card(text: str) -> bool:
     """True if `text` is a model card written by optimum-lrpq (such a card may be rewritten on the next save)."""
     return _SIGNATURE in text
-
-
-def _quantization_config(model):
-    config = lrpq_config_of(model)
-    if config is None:
-        raise ValueError("This model is not quantized with lrpq; run LRPQuantizer.quantize_model first.")
-    return config
 
 
 def _percent(value: float) -> str:
@@ -84,7 +77,7 @@ def render_model_card(
     tags: list[str] | None = None,
 ) -> str:
     """The model card text; see `write_model_card`."""
-    config = _quantization_config(model)
+    config = require_lrpq_config(model)
     layer_bits, relevance = config.layer_bits, config.relevance or {}
     if base_model is None:
         base_model = config.base_model or getattr(model.config, "_name_or_path", None) or None

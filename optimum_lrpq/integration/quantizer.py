@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from ..configuration import LRPQConfig, lrpq_config_of
+from ..configuration import LRPQConfig, require_lrpq_config
 from ..pipeline import quantize
 from .hf_quantizer import LRPQHfQuantizer
 from .marking import mark_quantized
@@ -81,7 +81,7 @@ class LRPQuantizer:
         partial model behind. `base_model` (the float model's Hub id) is for the card; `kwargs` go to
         `save_pretrained`.
         """
-        _check_quantized(model)
+        require_lrpq_config(model)
         save_quantized(model, save_dir, replace=True, overwrite=overwrite, base_model=base_model, **kwargs)
 
     def push_to_hub(self, model: nn.Module, repo_id: str, *, base_model: str | None = None, token: str | None = None,
@@ -92,10 +92,5 @@ class LRPQuantizer:
         """
         from .serialization import push_to_hub
 
-        _check_quantized(model)
+        require_lrpq_config(model)
         return push_to_hub(model, repo_id, token=token, private=private, base_model=base_model).commit_url
-
-
-def _check_quantized(model: nn.Module) -> None:
-    if lrpq_config_of(model) is None:
-        raise ValueError("This model is not quantized with lrpq; call quantize_model first.")

@@ -6,6 +6,8 @@ It is the oracle the other backends are tested against, and what calibration, re
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,10 +17,7 @@ from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight, 
 
 def dequantize_weight(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The float weight the codes stand for, in its original shape."""
-    row_length = 1
-    for dim in weight.shape[1:]:
-        row_length *= dim
-    codes = packing.unpack(weight.codes, weight.bits, row_length).float()
+    codes = packing.unpack(weight.codes, weight.bits, math.prod(weight.shape[1:])).float()
     rows = uniform.dequantize(codes, weight.scale[:, None], weight.zero_point[:, None])
     return rows.reshape(weight.shape).to(dtype)
 

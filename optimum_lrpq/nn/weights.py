@@ -11,6 +11,8 @@ Only the frozen state is ever saved; the load-time skeleton is built directly in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -37,7 +39,7 @@ class PackedWeightLayer(nn.Module):
     def _init_frozen(self, weight_shape: tuple[int, ...], weight_bits: int, device) -> None:
         self.weight_bits = weight_bits
         self.weight_shape = tuple(weight_shape)
-        out_channels, row_length = weight_shape[0], _row_length(weight_shape)
+        out_channels, row_length = weight_shape[0], math.prod(weight_shape[1:])
         self.register_buffer(
             "qweight",
             torch.zeros(out_channels, packing.packed_length(row_length, weight_bits), dtype=torch.uint8, device=device),
@@ -155,10 +157,3 @@ class PackedWeightLayer(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         self._cache_key = None  # new codes: never serve a stale prepared weight
         super()._load_from_state_dict(*args, **kwargs)
-
-
-def _row_length(weight_shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in weight_shape[1:]:
-        n *= d
-    return n

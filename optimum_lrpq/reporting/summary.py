@@ -3,11 +3,12 @@ mixed-precision budgets count them (used by the model card, the CLI and the plot
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from ..configuration import lrpq_config_of
+from ..configuration import require_lrpq_config
 from ..models import get_adapter
 from ..pipeline.mixed_precision import layer_macs
 
@@ -42,9 +43,7 @@ def bits_summary(model) -> dict[str, float]:
     multiply-accumulates (one forward pass on a blank image). The patch embedding (8-bit image input by design) is
     left out of both, like in the budgets; `quantized_weights` is the number of quantized weight parameters.
     """
-    config = lrpq_config_of(model)
-    if config is None:
-        raise ValueError("This model is not quantized with lrpq; run LRPQuantizer.quantize_model first.")
+    config = require_lrpq_config(model)
     layer_bits = config.layer_bits
     patch_embedding = get_adapter(model).layout(model).patch_embedding
     names = [n for n in weight_layer_names(layer_bits) if n != patch_embedding]
@@ -64,12 +63,7 @@ def bits_summary(model) -> dict[str, float]:
 
 
 def _numel(module) -> int:
-    shape = getattr(module, "weight_shape", None)
-    if shape is None:
-        return module.weight.numel()
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+    shape = getattr(module, "weight_shape", None)  # a quantized layer: no float weight to count
+    return module.weight.numel() if shape is None else math.prod(shape)
 
 
