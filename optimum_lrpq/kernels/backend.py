@@ -87,11 +87,13 @@ _BACKENDS: dict[str, KernelBackend] = {}
 _DEFAULT = "reference"
 AUTO = "auto"
 _LOGGED: set[tuple[str, str, str]] = set()
+_RESOLVED: dict[tuple[str | None, torch.device], KernelBackend] = {}
 
 
 def register_backend(backend: KernelBackend) -> KernelBackend:
     """Make `backend` selectable by its `name` (re-registering a name replaces it)."""
     _BACKENDS[backend.name] = backend
+    _RESOLVED.clear()  # "auto" may now pick it
     return backend
 
 
@@ -120,8 +122,17 @@ def resolve_backend(name: str | None, device: torch.device) -> KernelBackend:
 
     None: the reference backend. "auto": the available backend with the highest priority (an integer backend where
     the CPU or GPU has integer units). A named backend that cannot run on `device` (another CPU, a GPU) falls back to
-    the reference backend; the choice is logged once per (request, device).
+    the reference backend; the choice is logged once per (request, device). Called by every quantized layer at every
+    forward, so the answer is cached (the cache is emptied when a backend is registered).
     """
+    key = (name, device)
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = _RESOLVED[key] = _resolve(name, device)
+    return chosen
+
+
+def _resolve(name: str | None, device: torch.device) -> KernelBackend:
     if name is None:
         return _BACKENDS[_DEFAULT]
     if name == AUTO:
@@ -130,9 +141,9 @@ def resolve_backend(name: str | None, device: torch.device) -> KernelBackend:
     else:
         requested = get_backend(name)
         chosen = requested if requested.is_available(device) else _BACKENDS[_DEFAULT]
-    key = (name, chosen.name, str(device))
-    if key not in _LOGGED:
-        _LOGGED.add(key)
+    logged = (name, chosen.name, str(device))
+    if logged not in _LOGGED:
+        _LOGGED.add(logged)
         message = f"optimum-lrpq computes quantized layers on {device} with the {chosen.name!r} kernel backend"
         if chosen.name == name or name == AUTO:
             logger.info(message + ".")
