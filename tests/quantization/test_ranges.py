@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optimum_lrpq.quantization import ranges, uniform
-from optimum_lrpq.quantization.ranges import minmax_range, row_quantiles, search_range
+from optimum_lrpq.quantization.ranges import estimate_range, minmax_range, row_quantiles, search_range
 
 PERCENTILES = (0.999, 0.9999, 0.99999)
 
@@ -260,3 +260,11 @@ def test_bad_arguments_raise():
         search_range(torch.tensor([1.0, float("inf"), 2.0]), 4)
     with pytest.raises(ValueError, match="NaN or infinite"):
         search_range(torch.tensor([[1.0, float("nan")], [2.0, 3.0]]), 4, channel_axis=0)
+
+
+def test_estimate_range_dispatches_and_names_the_choices():
+    x = torch.randn(6, 10)
+    assert all(torch.equal(a, b) for a, b in zip(estimate_range(x, 4, 0, "minmax"), minmax_range(x, 4, channel_axis=0),
+                                                 strict=True))
+    with pytest.raises(ValueError, match=r"range method must be one of \['minmax', 'percentile_mse', 'mse'\], got 'max'"):
+        estimate_range(x, 4, 0, "max")
