@@ -163,6 +163,10 @@ ROWS: list[Row] = [
     lrpq(4, 4, mixed_precision=True, linear_input_granularity="per_tensor"),
     *(lrpq(w, a, activation_step_groups=g) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)) for g in (2, 4, 8)),
     *(lrpq(4, 4, mixed_precision=True, activation_step_groups=g) for g in (2, 4, 8)),
+    # per-channel o_proj/fc2 input steps kept in the activation grid (format 2: those layers cannot run as integer
+    # GEMMs) or folded into the weight columns over G power-of-two levels (`input_step_levels`; one GEMM per level)
+    *(lrpq(w, a, input_step_levels=g) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)) for g in (0, 1, 2, 8)),
+    *(lrpq(4, 4, mixed_precision=True, input_step_levels=g) for g in (0, 1, 2, 8)),
     # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
     lrpq(4, 4, activation_range="percentile_mse", quick=True),
     lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),

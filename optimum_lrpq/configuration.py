@@ -35,7 +35,12 @@ QUANT_METHOD = "lrpq"
 # Bump when the on-disk layout changes in a way older readers cannot load.
 # 2: per-channel input quantizers of o_proj / fc2 (`linear_input_granularity`) and per-head q/k/v quantizers
 #    (`attention_granularity`); format 1 has both per tensor.
-FORMAT_VERSION = 2
+# 3: `input_step_levels`: the per-channel input steps of o_proj / fc2 are partly folded into the stored weight
+#    columns; format 2 stores the weights of those layers unfolded (still read, as `input_step_levels=0`).
+FORMAT_VERSION = 3
+
+# `input_step_levels` of new quantizations (see LRPQConfig).
+DEFAULT_INPUT_STEP_LEVELS = 4
 
 
 def lrpq_config_of(model_or_config: Any) -> LRPQConfig | None:
@@ -123,6 +128,16 @@ class LRPQConfig(QuantizationConfigMixin):
             Real DINOv2-S, per channel -> G=2 / 4 / 8 (mean of 2 calibration draws): W8A8 95.8 -> 95.5 / 95.6 / 95.7,
             W6A6 95.1 -> 94.3 / 94.3 / 94.8, W4A8 93.7 -> 93.3 / 93.6 / 93.6, W4A4 72.3 -> 44.8 / 69.6 / 67.9, mixed
             W4A4 82.5 -> 41.5 / 78.7 / 78.3 %.
+        input_step_levels: how the per-channel input steps of o_proj / fc2 (`linear_input_granularity=
+            "per_channel"`) reach an integer GEMM, which factors one activation step out of a dot product. G >= 1:
+            each step is split as s_c = L_c * r_c, L_c the smallest of the G levels s_max / 2**g (g < G) that is
+            >= s_c and r_c in (1/2, 1] (smaller below the last level); r_c is multiplied into weight column c before
+            the weights are quantized (GPTQ then rounds W·diag(r) with the moments of x / r), so
+            y = Σ_c (W_oc r_c) L_c (q_c − z_c): one integer GEMM per level. The activation grid is unchanged (same
+            codes); the weights lose at most one bit on the columns they absorb. G=1 folds the whole step ratio into
+            the weights (SmoothQuant's migration taken to the end). 0 keeps the steps in the activation grid, as
+            format 2 did: those layers then run on the reference float math. None: the default for the format
+            (4; 0 for checkpoints of format 2). Real DINOv2-S per level count: benchmarks/README.md.
         fold_strength: how much of the per-channel ratios r_c the reparameterization folds into the next linear's
             weight columns (r_c^α; 1.0 is RepQ-ViT, 0.0 only re-centres the channels). A number in [0, 1], or a
             list of candidates in [0, 1]: then each LayerNorm gets the candidate with the least output error of its
@@ -184,6 +199,7 @@ class LRPQConfig(QuantizationConfigMixin):
         linear_input_granularity: str | None = None,
         attention_granularity: str | None = None,
         activation_step_groups: int | None = None,
+        input_step_levels: int | None = None,
         fold_strength: float | list[float] = 1.0,
         clipping: str | None = None,
         clipping_percentile: float = 0.999,
@@ -232,6 +248,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.linear_input_granularity = linear_input_granularity
         self.attention_granularity = attention_granularity
         self.activation_step_groups = activation_step_groups
+        self.input_step_levels = input_step_levels
         self.fold_strength = list(fold_strength) if isinstance(fold_strength, (list, tuple)) else fold_strength
         self.clipping = clipping
         self.clipping_percentile = clipping_percentile
@@ -289,6 +306,13 @@ class LRPQConfig(QuantizationConfigMixin):
         if self.attention_granularity is None:  # format 1 predates the option: per tensor
             self.attention_granularity = "per_tensor" if self.format_version < 2 else "per_head"
         check_choice(self.attention_granularity, "attention_granularity", ATTENTION_GRANULARITIES)
+        if self.input_step_levels is None:  # formats 1 and 2 store the o_proj / fc2 weights unfolded
+            self.input_step_levels = DEFAULT_INPUT_STEP_LEVELS if self.format_version >= 3 else 0
+        levels = self.input_step_levels
+        if isinstance(levels, bool) or not isinstance(levels, numbers.Integral) or levels < 0:
+            raise ValueError(f"input_step_levels must be 0 (steps stay in the activation grid) or a positive number "
+                             f"of power-of-two levels, got {levels!r}.")
+        self.input_step_levels = int(levels)
         self.activation_step_groups = check_step_groups(self.activation_step_groups, "activation_step_groups")
         check_choice(self.softmax_quantizer, "softmax_quantizer", SOFTMAX_QUANTIZERS)
         check_choice(self.weight_range, "weight_range", RANGE_METHODS)

@@ -5,7 +5,8 @@
 turns the canonical weight into its own derived layout once (`prepare_weight`: a dequantized float copy, widened
 int8 codes, a prepacked GEMM operand, row sums...; never saved, rebuilt after loading or moving the model) and
 computes `linear` / `conv2d` from it. Adding a backend is one file here: subclass `KernelBackend`, implement the
-four methods, call `register_backend`; `nn/` does not change.
+four abstract methods (and `release_codes` / `restore_codes` if the layout can stand in for the stored codes), call
+`register_backend`; `nn/` does not change.
 """
 
 from __future__ import annotations
@@ -39,12 +40,16 @@ class ActivationGrid:
     `scale` / `zero_point` have one element (per tensor) or one per input channel (last dim); the zero point may be
     fractional (LayerNorm reparameterization). `applied=True` means the input already lies on this grid (it was
     quantized by its producer, e.g. a `QuantLayerNorm`), so a float backend must not round it again.
+    `product_step` (None: `scale`) is the factor each channel's codes take in the product, `(x_int - zero_point) *
+    product_step`, where the weight columns carry the rest of the step, `scale / product_step`
+    (`LRPQConfig.input_step_levels`): an integer GEMM factors out one product step per group of channels.
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
     bits: int
     applied: bool = False
+    product_step: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,17 @@ class KernelBackend(abc.ABC):
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
                input_grid: ActivationGrid | None) -> torch.Tensor:
         """`x` (float, [..., in]) quantized on `input_grid` (None: used as is) times the prepared weight, plus bias."""
+
+    def release_codes(self, prepared: Any) -> bool:
+        """Make `prepared` independent of the stored codes it was made from, so that the layer can drop its copy;
+        they are rebuilt with `restore_codes` when needed (saving, moving, another backend). False (the default):
+        this layout cannot give them back, and the layer keeps them."""
+        return False
+
+    def restore_codes(self, prepared: Any) -> torch.Tensor:
+        """The packed codes (uint8, as stored) that `prepared` was made from, rebuilt from it; only called after
+        `release_codes(prepared)` returned True."""
+        raise NotImplementedError(f"the {self.name!r} backend does not release weight codes")
 
     @abc.abstractmethod
     def conv2d(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, input_grid: ActivationGrid | None,

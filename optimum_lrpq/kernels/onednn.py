@@ -18,9 +18,14 @@ is why `is_available` asks for them) and only the float epilogue rounds: outputs
 formula to ~1e-7 relative. The input codes are computed with the reference formula (`x / scale + zero_point`,
 rounded, clamped), so they are bit-identical to what the reference backend fake-quantizes with.
 
+A per-channel input grid runs as one GEMM per distinct *product step* (the grid's `product_step`, else its steps),
+up to `MAX_STEP_GROUPS`: channels sharing one are a block of columns with one `sx`; per-channel zero points are
+corrected through the bias like the fractional part above. With `LRPQConfig.input_step_levels` (the default) the
+product steps are a few powers of two while the codes keep each channel's own step.
+
 Where the integer path does not apply, the layer is computed exactly like the reference backend does (a float copy
-of the weight is dequantized on first need and kept with the prepared weight): input grids per channel (unless
-all channels share one value), no input grid, inputs that are not float32 CPU tensors, and inputs that require
+of the weight is dequantized on first need and kept with the prepared weight): per-channel grids with more than
+`MAX_STEP_GROUPS` product steps, no input grid, inputs that are not float32 CPU tensors, and inputs that require
 grad while grad mode is on (the oneDNN op has no autograd). A bias that requires grad keeps its gradient on the
 integer path. Convolutions (the patch embedding, < 1 % of a ViT's MACs) always use the reference math.
 
@@ -38,6 +43,7 @@ saved or copied); deepcopy/pickle of a prepared weight rebuild it from the store
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import warnings
 import weakref
@@ -187,7 +193,7 @@ class _GroupedTerms:
     columns of group g, `scales[g]` its step and `zero_points[g]` the integer given to oneDNN; the per-channel zero
     points' remainders are folded into `bias`."""
 
-    order: torch.Tensor  # int64 [K]: channel indices, grouped
+    order: torch.Tensor | None  # int64 [K]: channel indices, grouped (None: one group, channels in place)
     bounds: list[tuple[int, int]]  # [start, end) of each group in `order`
     packs: list[torch.Tensor]  # opaque MKLDNN int8 tensors [N, K_g]
     scales: list[float]
@@ -215,7 +221,9 @@ class OneDNNWeight:
     weight_zero_points: torch.Tensor  # int64 zeros [N]: W is symmetric by construction
     row_sum: torch.Tensor  # float64 [N], S = sum_c W[o, c]
     offset: torch.Tensor | None  # float64 [N], e = t - zw; None when all zero
-    source: PackedWeight  # the stored weight (references, not a copy): for the reference fallback and rebuilds
+    # The stored weight (references, not a copy): for the reference fallback and rebuilds. After `release()` its
+    # codes are None: the prepacked matrix is then the only copy of the weight, and `codes()` rebuilds them.
+    source: PackedWeight
     _dense: dict = field(default_factory=dict, repr=False)  # dtype -> dequantized weight (fallback only)
     _terms_key: tuple | None = field(default=None, repr=False)
     _terms: _Terms | None = field(default=None, repr=False)
@@ -224,8 +232,27 @@ class OneDNNWeight:
         """The reference backend's weight (dequantized on first use, then kept)."""
         weight = self._dense.get(dtype)
         if weight is None:
-            weight = self._dense[dtype] = dequantize_weight(self.source, dtype)
+            weight = self._dense[dtype] = dequantize_weight(self.stored(), dtype)
         return weight
+
+    def release(self) -> None:
+        """Drop the reference to the stored codes: the prepacked matrix (or per-group matrices) stands for them."""
+        if self.packed is None and not isinstance(self._terms, _GroupedTerms):
+            self.whole_pack()
+        self.source = dataclasses.replace(self.source, codes=None)
+
+    def stored(self) -> PackedWeight:
+        """The stored weight, its codes rebuilt from the prepacked matrix after `release()`."""
+        if self.source.codes is not None:
+            return self.source
+        return dataclasses.replace(self.source, codes=self.codes())
+
+    def codes(self) -> torch.Tensor:
+        """The packed codes, as stored (`qw = W + t`, packed)."""
+        if self.source.codes is not None:
+            return self.source.codes
+        codes = self.int8_weight().to(torch.int32) + self._offsets()[:, None]
+        return packing.pack(codes.to(torch.uint8), self.source.bits)
 
     def terms(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Terms | _GroupedTerms | None:
         """The grid- and bias-dependent constants (None: a per-channel grid with more than `MAX_STEP_GROUPS`
@@ -233,9 +260,12 @@ class OneDNNWeight:
 
         Cached for the last (grid, bias) seen: the key holds the tensors themselves (identity) and their versions,
         so replacing or editing the grid or the bias in place recomputes them."""
-        key = (grid.scale, _version(grid.scale), grid.zero_point, _version(grid.zero_point), bias, _version(bias))
+        key = (grid.scale, _version(grid.scale), grid.zero_point, _version(grid.zero_point), bias, _version(bias),
+               grid.product_step, _version(grid.product_step))
         if self._terms_key is not None and None not in key[1::2] and _same_key(key, self._terms_key):
             return self._terms
+        if self.source.codes is None and self.packed is None:  # released, per-group packs: the next terms may not
+            self.packed = torch.ops.onednn.qlinear_prepack(self.int8_weight(), None)  # keep them, so rejoin them
         terms = self._compute_terms(grid, bias)
         self._terms_key, self._terms = key, terms
         return terms
@@ -244,10 +274,15 @@ class OneDNNWeight:
         scale, zero_point = grid.scale.reshape(-1), grid.zero_point.reshape(-1)
         if not (bool(torch.isfinite(scale).all()) and bool((scale > 0).all()) and bool(torch.isfinite(zero_point).all())):
             return None  # a degenerate grid: leave it to the reference math
+        if grid.product_step is not None and (grid.product_step.numel() not in (1, scale.numel()) or not bool(
+                (grid.product_step > 0).all() and torch.isfinite(grid.product_step).all())):
+            return None
         sw = self.weight_scale.double()
         b = bias.detach().double() if bias is not None else torch.zeros_like(sw)
+        # Where the weight columns carry part of the steps, the codes take the rest (`product_step`) in the product.
+        step = scale if grid.product_step is None else grid.product_step.reshape(-1).expand_as(scale)
         if bool((scale == scale[0]).all()) and bool((zero_point == zero_point[0]).all()):
-            sx, zx = float(scale[0]), float(zero_point[0])
+            sx, zx = float(step[0]), float(zero_point[0])
             zi = min(max(round(zx), 0), 255)
             f = zx - zi
             extra = self.row_sum if self.offset is None else self.row_sum + self.offset * self.in_features
@@ -256,38 +291,46 @@ class OneDNNWeight:
             return _Terms(sx, zi, folded.contiguous(), coef)
         if scale.numel() != self.in_features or zero_point.numel() not in (1, self.in_features):
             return None
-        return self._grouped_terms(scale, zero_point.expand(self.in_features), b, sw)
+        return self._grouped_terms(scale, step.expand(self.in_features), zero_point.expand(self.in_features), b, sw)
 
-    def _grouped_terms(self, scale: torch.Tensor, zero_point: torch.Tensor, b: torch.Tensor,
+    def _grouped_terms(self, scale: torch.Tensor, step: torch.Tensor, zero_point: torch.Tensor, b: torch.Tensor,
                        sw: torch.Tensor) -> _GroupedTerms | None:
-        """y = sum_g s_g*sw * (q_g - zi_g) @ W_gᵀ  +  b - sw * W @ (s * (z - zi))  [+ sw*e * sum_c s_c (q_c - z_c)]."""
-        steps, group_of = torch.unique(scale, return_inverse=True)
+        """y = sum_g s_g*sw * (q_g - zi_g) @ W_gᵀ  +  b - sw * W @ (s * (z - zi))  [+ sw*e * sum_c s_c (q_c - z_c)],
+        with codes q on the grid (`scale`, `zero_point`) and `step` s the factor each channel's codes take in the
+        product (the grid's own steps, or ones when the weight columns carry them)."""
+        steps, group_of = torch.unique(step, return_inverse=True)
         if steps.numel() > MAX_STEP_GROUPS:
             return None
-        order = torch.argsort(group_of, stable=True)
         w = self.int8_weight()
-        packs, scales, zero_points, bounds = [], [], [], []
         remainder = torch.empty(self.in_features, dtype=torch.float64)
-        start = 0
-        for g in range(steps.numel()):
-            channels = order[start:start + int((group_of == g).sum())]
-            end = start + channels.numel()
-            zi = min(max(round(float(zero_point[channels].double().mean())), 0), 255)
-            remainder[channels] = zero_point[channels].double() - zi
-            packs.append(torch.ops.onednn.qlinear_prepack(w[:, channels].contiguous(), None))
-            scales.append(float(steps[g]))
-            zero_points.append(zi)
-            bounds.append((start, end))
-            start = end
-        step = scale.double()
-        folded = b - sw * (w.double() @ (step * remainder))
+        if steps.numel() == 1:  # one step (e.g. steps in the weight): the whole matrix, channels in place
+            order, bounds = None, [(0, self.in_features)]
+            zi = min(max(round(float(zero_point.double().mean())), 0), 255)
+            remainder[:] = zero_point.double() - zi
+            packs, scales, zero_points = [self.whole_pack()], [float(steps[0])], [zi]
+        else:
+            order = torch.argsort(group_of, stable=True)
+            packs, scales, zero_points, bounds = [], [], [], []
+            start = 0
+            for g in range(steps.numel()):
+                channels = order[start:start + int((group_of == g).sum())]
+                end = start + channels.numel()
+                zi = min(max(round(float(zero_point[channels].double().mean())), 0), 255)
+                remainder[channels] = zero_point[channels].double() - zi
+                packs.append(torch.ops.onednn.qlinear_prepack(w[:, channels].contiguous(), None))
+                scales.append(float(steps[g]))
+                zero_points.append(zi)
+                bounds.append((start, end))
+                start = end
+            self.packed = None  # a layer keeps one grid: the per-group packs replace the whole-matrix one
+        product_step = step.double()
+        folded = b - sw * (w.double() @ (product_step * remainder))
         coef, step_f, shift = None, None, 0.0
         if self.offset is not None:
-            folded = folded - sw * self.offset * float((step * remainder).sum())
+            folded = folded - sw * self.offset * float((product_step * remainder).sum())
             coef = (sw * self.offset).float()
-            step_f = scale.float().contiguous()
-            shift = float((step * (zero_point.double() - remainder)).sum())  # sum_c s_c zi_c
-        self.packed = None  # a layer keeps one grid: the per-group packs replace the whole-matrix one
+            step_f = step.float().contiguous()
+            shift = float((product_step * (zero_point.double() - remainder)).sum())  # sum_c s_c zi_c
         return _GroupedTerms(order, bounds, packs, scales, zero_points, scale.float().contiguous(),
                              zero_point.float().contiguous(), folded.float().contiguous(), coef, step_f, shift)
 
@@ -298,16 +341,29 @@ class OneDNNWeight:
         return self.packed
 
     def int8_weight(self) -> torch.Tensor:
-        """W = qw - t (int8 [N, K]), recomputed from the stored codes (only the prepacked form is kept)."""
+        """W = qw - t (int8 [N, K]), recomputed from the stored codes (only the prepacked form is kept), or read
+        back from the prepacked matrix after `release()`."""
+        if self.source.codes is None:  # oneDNN gives each prepacked [N, K'] matrix back as [K', N]
+            if self.packed is not None:
+                return self.packed.to_dense().t().contiguous()
+            terms = self._terms  # released and grouped: the per-group packs hold the columns
+            w = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
+            for (start, end), pack in zip(terms.bounds, terms.packs, strict=True):
+                w[:, terms.order[start:end]] = pack.to_dense().t()
+            return w
         codes = packing.unpack(self.source.codes, self.source.bits, self.in_features).to(torch.int32)
+        return (codes - self._offsets()[:, None]).to(torch.int8)
+
+    def _offsets(self) -> torch.Tensor:
+        """t per row (int32 [N]): the weight zero point plus the 8-bit offset e."""
         target = self.source.zero_point.detach().reshape(-1).to(torch.int32)
         if self.offset is not None:
             target = target + self.offset.round().to(torch.int32)
-        return (codes - target[:, None]).to(torch.int8)
+        return target
 
     def __reduce__(self):
         # The MKLDNN tensor cannot be pickled or deep-copied: rebuild it from the stored codes instead.
-        return _rebuild, (self.source,)
+        return _rebuild, (self.stored(),)
 
 
 def _same_key(a: tuple, b: tuple) -> bool:
@@ -348,11 +404,12 @@ def _rebuild(source: PackedWeight) -> OneDNNWeight | torch.Tensor:
 def _grouped_linear(x2: torch.Tensor, weight: OneDNNWeight, terms: _GroupedTerms, qmax: int) -> torch.Tensor:
     """One oneDNN GEMM per group of channels sharing a step (see `OneDNNWeight._grouped_terms`)."""
     codes = _quantize(x2, terms.scale, terms.zero_point, qmax)  # per-channel grid, the reference's codes
-    grouped = codes.index_select(1, terms.order)
+    grouped = codes if terms.order is None else codes.index_select(1, terms.order)
     y = None
     for (start, end), pack, step, zi in zip(terms.bounds, terms.packs, terms.scales, terms.zero_points,
                                             strict=True):
-        part = torch.ops.onednn.qlinear_pointwise(grouped[:, start:end].contiguous(), step, zi, pack,
+        block = grouped if terms.order is None else grouped[:, start:end].contiguous()
+        part = torch.ops.onednn.qlinear_pointwise(block, step, zi, pack,
                                                   weight.weight_scale, weight.weight_zero_points,
                                                   terms.bias if y is None else None, 1.0, 0, torch.float32,
                                                   "none", [], "")
@@ -427,6 +484,17 @@ class OneDNNBackend(KernelBackend):
         if grad and bias is not None and bias.requires_grad:
             y = y + (bias - bias.detach())  # exactly +0, but carries the bias' gradient
         return y.reshape(*lead, weight.out_features)
+
+    def release_codes(self, prepared: Any) -> bool:
+        """The prepacked int8 matrix gives the codes back exactly (`OneDNNWeight.codes`): a layer on the integer path
+        then holds its weight once, as int8 (0.25x float32), instead of packed codes + int8."""
+        if not isinstance(prepared, OneDNNWeight):
+            return False
+        prepared.release()
+        return True
+
+    def restore_codes(self, prepared: Any) -> torch.Tensor:
+        return prepared.codes()
 
     def conv2d(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, input_grid: ActivationGrid | None,
                geometry: ConvGeometry) -> torch.Tensor:

@@ -23,9 +23,13 @@ def dequantize_weight(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize_input(x: torch.Tensor, grid: ActivationGrid | None) -> torch.Tensor:
-    """`x` fake-quantized on `grid` (unchanged when there is no grid or it was already applied upstream)."""
+    """`x` fake-quantized on `grid` (unchanged when there is no grid or it was already applied upstream); with a
+    `product_step`, `(x_int - zero_point) * product_step` (the weight columns carry the rest of the step)."""
     if grid is None or grid.applied:
         return x
+    if grid.product_step is not None:
+        codes = uniform.quantize(x.float(), grid.scale, grid.zero_point, grid.bits)
+        return uniform.dequantize(codes, grid.product_step, grid.zero_point).to(x.dtype)
     return uniform.fake_quantize(x, grid.scale, grid.zero_point, grid.bits)
 
 

@@ -66,9 +66,10 @@ class UniformQuantizer(ActivationQuantizer):
             )
         self.set_grid(*observer.uniform_grid(self.bits, min_rows=min_rows))
 
-    def grid(self, applied: bool = False) -> ActivationGrid:
-        """The grid, as kernel backends take it (`applied`: the input already lies on it)."""
-        return ActivationGrid(self.scale, self.zero_point, self.bits, applied)
+    def grid(self, applied: bool = False, product_step: torch.Tensor | None = None) -> ActivationGrid:
+        """The grid, as kernel backends take it (`applied`: the input already lies on it; `product_step`: the
+        factor the codes take in the consumer's product where its weight columns carry the rest of the steps)."""
+        return ActivationGrid(self.scale, self.zero_point, self.bits, applied, product_step)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observer is not None:

@@ -18,12 +18,19 @@ class QuantLinear(PackedWeightLayer):
     `input_quant` quantizes the input per tensor, or per input channel with `input_per_channel` (one step per
     channel, applied when the producer's output is requantized); it is absent when the input was already quantized
     upstream (the output quantizer of a `QuantLayerNorm` feeding q/k/v, fc1 or Swin's patch-merging reduction).
+    With `input_step_levels` G the input steps are split as s_c = level_c * r_c (level_c one of G powers of two,
+    `quantization.step_groups.group_steps`), the stored weight is W·diag(r) and the layer computes
+    `W' ((x_int - zero_point) * level)`: one integer GEMM per level even for a per-channel input grid.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool, weight_bits: int, input_bits: int | None,
-                 dtype: torch.dtype = torch.float32, device=None, input_per_channel: bool = False):
+                 dtype: torch.dtype = torch.float32, device=None, input_per_channel: bool = False,
+                 input_step_levels: int | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        if input_step_levels is not None and input_bits is None:
+            raise ValueError("input_step_levels needs the layer's own input quantizer (input_bits).")
+        self.input_step_levels = input_step_levels
         self._init_frozen((out_features, in_features), weight_bits, device)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         channels = in_features if input_per_channel else None
@@ -35,7 +42,7 @@ class QuantLinear(PackedWeightLayer):
         """The empty frozen layer (meta device) a checkpoint is loaded into."""
         return cls(linear.in_features, linear.out_features, linear.bias is not None or spec.force_bias,
                    spec.weight_bits, spec.input_bits, dtype=linear.weight.dtype, device="meta",
-                   input_per_channel=spec.input_per_channel)
+                   input_per_channel=spec.input_per_channel, input_step_levels=spec.input_step_levels)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
@@ -44,7 +51,7 @@ class QuantLinear(PackedWeightLayer):
         force_bias = spec.force_bias
         module = cls(linear.in_features, linear.out_features, linear.bias is not None or force_bias,
                      spec.weight_bits, spec.input_bits, dtype=w.dtype, device=w.device,
-                     input_per_channel=spec.input_per_channel)
+                     input_per_channel=spec.input_per_channel, input_step_levels=spec.input_step_levels)
         for name in ("qweight", "weight_scale", "weight_zero_point"):
             delattr(module, name)
         module.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
@@ -58,7 +65,9 @@ class QuantLinear(PackedWeightLayer):
         return self.compute(x, self.input_quant, "linear")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight_bits={self.weight_bits}"
+        folded = f", input_step_levels={self.input_step_levels}" if self.input_step_levels is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, weight_bits={self.weight_bits}"
+                f"{folded}")
 
 
 @register_qmodule(nn.Conv2d)

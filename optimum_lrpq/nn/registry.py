@@ -22,7 +22,9 @@ class QuantSpec:
     """How one module is quantized.
 
     weight_bits: bits of the weight (weight layers). input_bits: bits of the layer's own input quantizer (None:
-    its input is quantized by its producer). input_per_channel: one input step per channel. force_bias: add a zero
+    its input is quantized by its producer). input_per_channel: one input step per channel. input_step_levels:
+    the input steps are split into G power-of-two levels and residuals folded into the weight columns
+    (`LRPQConfig.input_step_levels`; None: no fold). force_bias: add a zero
     bias if the float layer has none (the LayerNorm reparameterization writes one). output_bits /
     output_per_channel: the output quantizer of a LayerNorm.
     """
@@ -30,6 +32,7 @@ class QuantSpec:
     weight_bits: int | None = None
     input_bits: int | None = None
     input_per_channel: bool = False
+    input_step_levels: int | None = None
     force_bias: bool = False
     output_bits: int | None = None
     output_per_channel: bool = False

@@ -7,6 +7,11 @@ Two states:
   input dim, one row per output channel), `weight_scale` and `weight_zero_point` (float32, one per row).
 
 Only the frozen state is ever saved; the load-time skeleton is built directly in it.
+
+At inference, a kernel backend whose layout holds the codes itself (the integer backends) may take them over: the
+`qweight` buffer is then a placeholder of the same shape (one byte of storage), so the layer holds its weight once
+(int8), not twice. The codes are rebuilt from the backend's layout whenever they are read: `state_dict()` (saving),
+`.to()` and other moves, `load_state_dict`, copies, another backend, `dequantized_weight()`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ..kernels.reference import dequantize_weight
 from ..quantization import packing, uniform
 from ..quantization.gptq import gptq_quantize
 from ..quantization.ranges import estimate_range
+from ..quantization.step_groups import group_steps
 
 
 class PackedWeightLayer(nn.Module):
@@ -35,6 +41,8 @@ class PackedWeightLayer(nn.Module):
     weight_bits: int
     weight_shape: tuple[int, ...]
     kernel_backend: str | None = None
+    # Frozen weight columns carry the input steps' residuals over this many power-of-two levels (see `QuantLinear`).
+    input_step_levels: int | None = None
 
     def _init_frozen(self, weight_shape: tuple[int, ...], weight_bits: int, device) -> None:
         self.weight_bits = weight_bits
@@ -48,6 +56,7 @@ class PackedWeightLayer(nn.Module):
         self.register_buffer("weight_zero_point", torch.zeros(out_channels, dtype=torch.float32, device=device))
         self._cache_key = None
         self._cache = None
+        self._cache_backend = None
 
     @property
     def weight(self) -> torch.Tensor:
@@ -80,10 +89,39 @@ class PackedWeightLayer(nn.Module):
         self.store(rows, scale, zero_point)
 
     def weight_grid(self, range_method: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(float weight rows [out, in·k·k], scale [out], zero_point [out]) before rounding."""
+        """(float weight rows [out, in·k·k], scale [out], zero_point [out]) before rounding; the rows already
+        multiplied by `input_step_factors()` where the layer folds its input steps."""
         rows = self.weight.detach().float().reshape(self.weight.shape[0], -1)
+        factors = self.input_step_factors()
+        if factors is not None:
+            rows = rows * factors.to(rows.device)
         scale, zero_point = estimate_range(rows, self.weight_bits, channel_axis=0, method=range_method)
         return rows, scale.reshape(-1), zero_point.reshape(-1)
+
+    def input_step_factors(self) -> torch.Tensor | None:
+        """The per-input-channel factors `freeze()` multiplies into the weight columns, `scale / product_step` of the
+        input grid ([in]; where `input_step_levels` is set), or None. A GPTQ Hessian must then be that of x / factors.
+        """
+        product_step = self.input_product_step()
+        if product_step is None:
+            return None
+        factors = self.input_quant.scale.detach().float() / product_step
+        return factors.expand(self.weight_shape[1] if self.is_frozen else self._parameters["weight"].shape[1])
+
+    def input_product_step(self) -> torch.Tensor | None:
+        """What each input channel's codes are multiplied by in the product: the power-of-two level of its step
+        (`quantization.step_groups.group_steps`); None without `input_step_levels`. Cached per grid, so a kernel
+        backend sees the same tensor at every forward."""
+        if self.input_step_levels is None:
+            return None
+        scale = self.input_quant.scale
+        cached = self.__dict__.get("_product_step")  # (scale tensor, its version, levels, product step)
+        if cached is None or cached[0] is not scale or cached[1:3] != (scale._version, self.input_step_levels):
+            with torch.inference_mode(False):  # a tensor with a version counter: backends key their caches on it
+                step = group_steps(scale.detach().float(), self.input_step_levels)
+            cached = (scale, scale._version, self.input_step_levels, step)
+            self.__dict__["_product_step"] = cached
+        return cached[3]
 
     def store(self, rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Round `rows` onto the grid, pack the codes and drop the float weight (the layer becomes frozen)."""
@@ -106,8 +144,36 @@ class PackedWeightLayer(nn.Module):
 
     def packed_weight(self) -> PackedWeight:
         """The stored weight (frozen layers only), as the kernel backends take it."""
-        return PackedWeight(self.qweight, self.weight_bits, self.weight_shape, self.weight_scale,
+        return PackedWeight(self.codes(), self.weight_bits, self.weight_shape, self.weight_scale,
                             self.weight_zero_point)
+
+    def codes(self) -> torch.Tensor:
+        """The packed weight codes (uint8 [out, packed row]), rebuilt from the kernel layout if it holds them."""
+        if self.codes_released:
+            return self._cache_backend.restore_codes(self._cache)
+        return self.qweight
+
+    @property
+    def codes_released(self) -> bool:
+        """Whether the kernel backend's layout holds the codes and `qweight` is a placeholder (see module doc)."""
+        placeholder = self.__dict__.get("_codes_placeholder")
+        return placeholder is not None and self._buffers.get("qweight") is placeholder
+
+    def _take_back_codes(self) -> None:
+        """Put the real codes back into `qweight` (before the prepared layout is dropped, moved or replaced)."""
+        if self.codes_released:
+            with torch.inference_mode(False):  # a normal buffer (with a version counter) even under inference_mode
+                self._buffers["qweight"] = self.codes().clone()
+        self.__dict__["_codes_placeholder"] = None
+        self._cache_key = None
+
+    def _release_codes(self, backend: KernelBackend) -> None:
+        if not self.codes_released and backend.release_codes(self._cache):
+            codes = self._buffers["qweight"]
+            with torch.inference_mode(False):
+                placeholder = torch.zeros(1, dtype=codes.dtype, device=codes.device).expand(codes.shape)
+            self.__dict__["_codes_placeholder"] = self._buffers["qweight"] = placeholder
+            self._cache_key = self._prepared_key(backend, self._cache_key[-1])
 
     def backend(self) -> KernelBackend:
         """The backend that computes this layer where its weight is (resolves "auto" and unavailable backends)."""
@@ -115,12 +181,18 @@ class PackedWeightLayer(nn.Module):
 
     def prepared_weight(self, backend: KernelBackend, dtype: torch.dtype):
         """`backend`'s layout of the frozen weight for `dtype` (cached; rebuilt when the stored codes change)."""
-        key = (backend.name, self.qweight.data_ptr(), self.qweight._version, self.weight_scale._version,
-               self.weight_zero_point._version, self.qweight.device, dtype)
+        key = self._prepared_key(backend, dtype)
         if key != self._cache_key:
+            self._take_back_codes()
             self._cache = backend.prepare_weight(self.packed_weight(), dtype)
-            self._cache_key = key
+            self._cache_backend = backend
+            self._cache_key = self._prepared_key(backend, dtype)
+            self._release_codes(backend)  # hold the weight once where the backend's layout can
         return self._cache
+
+    def _prepared_key(self, backend: KernelBackend, dtype: torch.dtype) -> tuple:
+        return (backend.name, self.qweight.data_ptr(), self.qweight._version, self.weight_scale._version,
+                self.weight_zero_point._version, self.qweight.device, dtype)
 
     # Runs eagerly under torch.compile: the backend's cached layout is keyed on the stored tensors, and integer
     # kernels take opaque prepacked weights that cannot be traced; the rest of the model (LayerNorm, GELU, attention,
@@ -137,8 +209,8 @@ class PackedWeightLayer(nn.Module):
         if input_quant is not None:
             if input_quant.observer is not None:
                 x = input_quant(x)
-            else:
-                grid = input_quant.grid()
+            else:  # the float weight (before `freeze()`) does not carry any step yet
+                grid = input_quant.grid(product_step=self.input_product_step() if self.is_frozen else None)
         elif self.input_source is not None and self.input_source.observer is None:
             grid = self.input_source.grid(applied=True)  # quantized by the producer: kernels may need its grid
         if not self.is_frozen:
@@ -152,8 +224,29 @@ class PackedWeightLayer(nn.Module):
         """The float weight the layer stands for (the float weight itself before `freeze()`)."""
         if not self.is_frozen:
             return self._parameters["weight"].to(dtype)
-        return dequantize_weight(self.packed_weight(), dtype)
+        weight = dequantize_weight(self.packed_weight(), torch.float32)
+        factors = self.input_step_factors()
+        if factors is not None:
+            weight = weight / factors.to(weight.device)
+        return weight.to(dtype)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache_key = None  # new codes: never serve a stale prepared weight
+        self._take_back_codes()  # a real buffer to load into; new codes: never serve a stale prepared weight
         super()._load_from_state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.codes_released:  # the checkpoint gets the real codes, never the placeholder
+            destination[prefix + "qweight"] = self.codes()
+
+    def _apply(self, fn, recurse=True):
+        self._take_back_codes()  # move the codes, not the placeholder
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        # copy.deepcopy and pickle: the real codes, without the backend's layout (rebuilt at the next forward)
+        state = dict(super().__getstate__())
+        if self.codes_released:
+            state["_buffers"] = {**state["_buffers"], "qweight": self.codes()}
+        state.update(_codes_placeholder=None, _cache=None, _cache_key=None, _cache_backend=None)
+        return state

@@ -277,16 +277,21 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
         start = time.perf_counter()
         folds = set_layernorm_grids(model, layout, config)
 
+        # Before the weights: a layer that folds its input steps into its weight columns needs them calibrated.
+        finalize_activation_grids(model)
+
         def hessian_of(name: str) -> torch.Tensor | None:
             record = moments.get(name)
             if record is None or not record.count:
                 return None
+            factors = model.get_submodule(name).input_step_factors()
+            if factors is not None:  # the layer multiplies x / steps (its unit-step codes)
+                return record.second_moment(factors, torch.zeros_like(factors))
             return record.second_moment(*folds.get(name, (None, None)))
 
         freeze_weights(model, config.weight_range, hessian_of,
                        shared_input_of=lambda name: id(moments[name]) if name in moments else name)
         moments.clear()
-        finalize_activation_grids(model)
         timings["grids_and_weights"] = time.perf_counter() - start
     finally:
         for handle in handles:

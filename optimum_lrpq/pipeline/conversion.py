@@ -109,7 +109,8 @@ def convert_model(
         if name in layer_bits:
             per_channel = per_channel_inputs and name not in layout.heads
             spec = QuantSpec(weight_bits=bits(name, "weight"), input_bits=bits(name, "activation"),
-                             input_per_channel=per_channel)
+                             input_per_channel=per_channel,
+                             input_step_levels=config.input_step_levels if per_channel and config.input_step_levels else None)
             replaced[name] = _swap(model, name, nn.Linear, spec, skeleton)
 
     for name in layout.attentions:

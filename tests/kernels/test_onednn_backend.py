@@ -15,6 +15,7 @@ from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.kernels import ActivationGrid, ConvGeometry, PackedWeight, get_backend, onednn
 from optimum_lrpq.nn import QuantLinear, set_kernel_backend
 from optimum_lrpq.quantization import packing, uniform
+from optimum_lrpq.quantization.step_groups import group_steps
 
 ONEDNN = get_backend("onednn")
 REFERENCE = get_backend("reference")
@@ -143,6 +144,28 @@ def test_per_channel_grid_with_few_steps_runs_one_gemm_per_step(weight_bits, gro
     assert relative_error(y, reference) < 1e-5
     assert counts == {"integer": 1}
     too_many = ActivationGrid(0.01 * (1 + torch.arange(40, dtype=torch.float32) / 40), zero_point, 4)
+    assert torch.equal(ONEDNN.linear(x, prepared, bias, too_many), REFERENCE.linear(x, dense, bias, too_many))
+    assert counts == {"integer": 1, "reference": 1}
+
+
+@pytest.mark.parametrize("weight_bits", [4, 8])
+@pytest.mark.parametrize("levels", [1, 3, onednn.MAX_STEP_GROUPS])
+def test_product_steps_run_one_gemm_per_level(weight_bits, levels, counts):
+    """Steps folded into the weight over a few levels (`input_step_levels`): every channel has its own step (codes),
+    the product takes one of `levels` steps: integer, equal to the reference."""
+    weight, _ = random_weight(24, 40, weight_bits, seed=levels)
+    prepared = ONEDNN.prepare_weight(weight, torch.float32)
+    dense = REFERENCE.prepare_weight(weight, torch.float32)
+    g = torch.Generator().manual_seed(levels)
+    scale = 0.01 * 2.0 ** (torch.rand(40, generator=g) * 6)  # 40 distinct steps
+    zero_point = torch.randint(0, 16, (40,), generator=g).float()
+    grid = ActivationGrid(scale, zero_point, 4, product_step=group_steps(scale, levels))
+    x = torch.randn(3, 9, 40, generator=g) * 0.2
+    bias = torch.randn(24, generator=g)
+    y = ONEDNN.linear(x, prepared, bias, grid)
+    assert relative_error(y, REFERENCE.linear(x, dense, bias, grid)) < 1e-5
+    assert counts == {"integer": 1}
+    too_many = ActivationGrid(scale, zero_point, 4, product_step=scale)  # 40 product steps
     assert torch.equal(ONEDNN.linear(x, prepared, bias, too_many), REFERENCE.linear(x, dense, bias, too_many))
     assert counts == {"integer": 1, "reference": 1}
 
@@ -355,6 +378,26 @@ def test_model_logits_match_reference(name, config, tmp_path, counts):
         assert errors and max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize("levels", [1, 4])
+def test_per_channel_inputs_run_on_the_integer_path_end_to_end(levels, counts):
+    """Enough calibration tokens for per-channel o_proj / fc2 grids (folded over `levels` levels): every linear is
+    integer, and the logits match the reference backend."""
+    calibration = pixels(61)  # 61 x 17 tokens >= MIN_ROWS_PER_CHANNEL
+    config = LRPQConfig(weight_bits=4, activation_bits=4, num_calibration_samples=61, input_step_levels=levels)
+    model = LRPQuantizer(config).quantize_model(build("vit"), calibration, show_progress=False)
+    fc2 = model.get_submodule("vit.layers.0.mlp.fc2")
+    assert fc2.input_quant.scale.unique().numel() > levels  # a real per-channel grid
+    x = pixels(8, seed=7)
+    expected = outputs(model, x, "reference")
+    counts.clear()
+    for out, ref in zip(outputs(model, x, "onednn"), expected, strict=True):
+        assert_same_logits(out, ref)
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert counts == {"integer": linears}  # no reference fallback left
+    errors = layer_errors(model, x)
+    assert max(errors.values()) < 1e-5, errors
+
+
 def test_model_copies_and_falls_back_under_grad(counts):
     model = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=8)).quantize_model(build("vit"), pixels(16),
                                                                                       show_progress=False)
@@ -373,3 +416,77 @@ def test_model_copies_and_falls_back_under_grad(counts):
     assert torch.equal(out, expected) and counts["integer"] == 0
     out.sum().backward()
     assert any(p.grad is not None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------ weight held once
+
+
+def stored_codes(model) -> dict[str, torch.Tensor]:
+    return {name: t.clone() for name, t in model.state_dict().items() if name.endswith("qweight")}
+
+
+@pytest.mark.parametrize("weight_bits", [4, 8])
+def test_integer_layers_hold_their_weight_once_and_give_the_codes_back(weight_bits, tmp_path):
+    """On the integer path the prepacked int8 matrix is the only copy of a linear's weight: `qweight` becomes a
+    one-byte placeholder, and everything that reads the codes (state_dict, save, moves, copies, another backend,
+    load_state_dict) gets the real ones."""
+    config = LRPQConfig(weight_bits=weight_bits, activation_bits=8)
+    model = LRPQuantizer(config).quantize_model(build("vit"), pixels(16), show_progress=False)
+    x = pixels(4, seed=3)
+    codes = stored_codes(model)
+    set_kernel_backend(model, "reference")
+    reference = logits(model, x)
+    set_kernel_backend(model, "onednn")
+    integer = logits(model, x)
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert all(m.codes_released for m in linears.values())
+    assert all(m.qweight.untyped_storage().nbytes() == 1 for m in linears.values())
+    assert model.get_submodule("vit.embeddings.patch_embeddings.projection").codes_released is False  # conv: float
+    # the codes read back are the stored ones, bit for bit
+    after = stored_codes(model)
+    assert after.keys() == codes.keys() and all(torch.equal(after[k], codes[k]) for k in codes)
+    name, layer = next(iter(linears.items()))
+    assert torch.equal(layer.codes(), codes[name + ".qweight"])
+    torch.testing.assert_close(layer.dequantized_weight(torch.float32), dequantize_from(codes[name + ".qweight"], layer))
+    # save -> load: same codes, same logits on both backends
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert all(torch.equal(t, codes[k]) for k, t in stored_codes(loaded).items())
+    assert torch.equal(logits(loaded, x), integer)
+    # a copy, a move and another backend all see the real codes
+    clone = copy.deepcopy(model)
+    assert torch.equal(logits(clone, x), integer)
+    model.to("cpu", torch.float32)
+    assert not any(m.codes_released for m in linears.values())
+    assert all(torch.equal(m.qweight, codes[n + ".qweight"]) for n, m in linears.items())
+    set_kernel_backend(model, "reference")
+    assert torch.equal(logits(model, x), reference)
+    set_kernel_backend(model, "onednn")
+    assert torch.equal(logits(model, x), integer) and all(m.codes_released for m in linears.values())
+    # load_state_dict into released layers
+    model.load_state_dict(loaded.state_dict())
+    assert all(torch.equal(m.qweight, codes[n + ".qweight"]) for n, m in linears.items())
+    assert torch.equal(logits(model, x), integer)
+
+
+def dequantize_from(codes: torch.Tensor, layer) -> torch.Tensor:
+    rows = packing.unpack(codes, layer.weight_bits, layer.in_features).float()
+    return (rows - layer.weight_zero_point[:, None]) * layer.weight_scale[:, None]
+
+
+def test_released_grouped_weight_survives_grid_changes(counts):
+    """Released codes held by per-group packs: changing the grid (grouped -> per tensor -> grouped) keeps the weight."""
+    weight, _ = random_weight(24, 40, 8, seed=11)
+    prepared = ONEDNN.prepare_weight(weight, torch.float32)
+    dense = REFERENCE.prepare_weight(weight, torch.float32)
+    g = torch.Generator().manual_seed(11)
+    scale = 0.01 * 2.0 ** (torch.rand(40, generator=g) * 6)
+    zero_point = torch.randint(0, 16, (40,), generator=g).float()
+    grouped = ActivationGrid(scale, zero_point, 8, product_step=group_steps(scale, 4))
+    per_tensor = ActivationGrid(scale[:1], zero_point[:1], 8)
+    x = torch.randn(5, 40, generator=g) * 0.2
+    assert ONEDNN.release_codes(prepared)
+    for grid in (grouped, per_tensor, grouped, per_tensor):
+        assert relative_error(ONEDNN.linear(x, prepared, None, grid), REFERENCE.linear(x, dense, None, grid)) < 1e-5
+        assert torch.equal(ONEDNN.restore_codes(prepared), weight.codes)
+    assert counts == {"integer": 4}

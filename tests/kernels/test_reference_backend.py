@@ -128,6 +128,20 @@ def test_linear_is_float_linear_of_fake_quantized_input(per_channel, applied):
         assert codes.round().min() >= 0 and codes.round().max() <= 63
 
 
+def test_product_step_multiplies_the_codes_the_grid_gives():
+    """With a `product_step` the layer takes (x_int - z) * product_step: the codes come from the grid's own steps."""
+    weight, w = packed((10, 16), 4)
+    x = torch.randn(2, 5, 16)
+    scale = torch.rand(16) * 0.05 + 0.02
+    zero_point = torch.randint(0, 16, (16,)).float()
+    product_step = torch.full((16,), 0.5)
+    grid = ActivationGrid(scale, zero_point, 4, product_step=product_step)
+    codes = uniform.quantize(x, scale, zero_point, 4)
+    assert torch.equal(quantize_input(x, grid), (codes - zero_point) * product_step)
+    y = REFERENCE.linear(x, REFERENCE.prepare_weight(weight, torch.float32), None, grid)
+    assert torch.equal(y, F.linear((codes - zero_point) * product_step, w))
+
+
 def test_linear_without_grid_uses_the_input_as_is():
     weight, w = packed((10, 16), 8)
     x = torch.randn(3, 16)

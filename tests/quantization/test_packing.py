@@ -151,3 +151,15 @@ def test_other_bad_inputs_raise():
         unpack(torch.zeros(4, 2, dtype=torch.int32), 4, 4)
     with pytest.raises(ValueError, match="length must be >= 0"):
         packed_length(-1, 4)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("length", [1, 5, 8, 17, 64])
+def test_layout_matches_a_bit_stream_written_by_hand(bits, length):
+    """Every width (the byte-aligned 2/4/8-bit paths and the grouped 3/5/6/7-bit one) writes the same stream."""
+    codes = torch.randint(0, 1 << bits, (3, length), generator=torch.Generator().manual_seed(bits * 100 + length))
+    stream = [(int(code) >> b) & 1 for code in codes[1] for b in range(bits)]
+    stream += [0] * (-len(stream) % 8)
+    expected = [sum(stream[8 * i + j] << j for j in range(8)) for i in range(len(stream) // 8)]
+    assert pack(codes, bits)[1].tolist() == expected
+    assert torch.equal(unpack(pack(codes, bits), bits, length), codes.to(torch.uint8))
