@@ -4,7 +4,7 @@ Importing this package registers every backend in it. `reference` (dequantize + 
 oracle; an integer backend is one more file here.
 """
 
-from . import onednn, reference  # noqa: F401  (registers the reference and the oneDNN int8 backends)
+from . import intmm, onednn, reference  # noqa: F401  (registers the reference, oneDNN and torch._int_mm backends)
 from .backend import (
     ActivationGrid,
     ConvGeometry,

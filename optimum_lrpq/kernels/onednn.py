@@ -74,7 +74,7 @@ def _ops_exist() -> bool:
         return False
 
 
-def _cpu_has_int8_dot() -> bool:
+def cpu_has_int8_dot() -> bool:
     """Whether the CPU has a non-saturating u8 x s8 dot product (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
     isa_cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
     if isa_cap and isa_cap not in ("all", "default") and "vnni" not in isa_cap and "amx" not in isa_cap:
@@ -98,7 +98,7 @@ def supported() -> bool:
     """The ops exist in this torch build and this CPU multiplies int8 exactly with them (cached)."""
     global _SUPPORTED
     if _SUPPORTED is None:
-        _SUPPORTED = _ops_exist() and _cpu_has_int8_dot()
+        _SUPPORTED = _ops_exist() and cpu_has_int8_dot()
     return _SUPPORTED
 
 
@@ -204,6 +204,8 @@ class _GroupedTerms:
     coef: torch.Tensor | None  # float32 [N] (sw*e), None when every e is 0
     step: torch.Tensor | None  # float32 [K] per-channel steps (rank-1 term only)
     shift: float  # sum_c s_c z_c (rank-1 term only)
+    # int [K] when the one pack holds W * multiplier (product steps folded into the int8 columns), else None
+    multiplier: torch.Tensor | None = None
 
 
 # A per-channel grid with more distinct steps than this runs on the reference math (one GEMM per group).
@@ -299,9 +301,12 @@ class OneDNNWeight:
         with codes q on the grid (`scale`, `zero_point`) and `step` s the factor each channel's codes take in the
         product (the grid's own steps, or ones when the weight columns carry them)."""
         steps, group_of = torch.unique(step, return_inverse=True)
+        w = self.int8_weight()
+        folded = self._multiplied_terms(scale, step, steps, zero_point, b, sw, w)
+        if folded is not None:
+            return folded
         if steps.numel() > MAX_STEP_GROUPS:
             return None
-        w = self.int8_weight()
         remainder = torch.empty(self.in_features, dtype=torch.float64)
         if steps.numel() == 1:  # one step (e.g. steps in the weight): the whole matrix, channels in place
             order, bounds = None, [(0, self.in_features)]
@@ -334,6 +339,29 @@ class OneDNNWeight:
         return _GroupedTerms(order, bounds, packs, scales, zero_points, scale.float().contiguous(),
                              zero_point.float().contiguous(), folded.float().contiguous(), coef, step_f, shift)
 
+    def _multiplied_terms(self, scale, step, steps, zero_point, b, sw, w) -> _GroupedTerms | None:
+        """Product steps that are power-of-two multiples m_c of the smallest one (`input_step_levels`), folded into
+        the int8 columns, W[:, c] * m_c, where that still fits int8 (<= 5-bit weight rows with 4 levels): then the
+        layer is one GEMM on the codes in place, with no per-level blocks to gather."""
+        if steps.numel() < 2 or self.offset is not None:
+            return None
+        multiplier = step.double() / float(steps[0])
+        if not torch.equal(multiplier, multiplier.round()) or float(multiplier.max()) > 127:
+            return None
+        multiplier = multiplier.to(torch.int32)
+        widened = w.to(torch.int32) * multiplier
+        if int(widened.abs().max()) > 127:
+            return None
+        widened = widened.to(torch.int8)
+        zi = min(max(round(float(zero_point.double().mean())), 0), 255)
+        remainder = zero_point.double() - zi
+        folded = b - sw * (w.double() @ (step.double() * remainder))
+        pack = torch.ops.onednn.qlinear_prepack(widened.contiguous(), None)
+        self.packed = None  # the multiplied pack replaces the whole-matrix one
+        return _GroupedTerms(None, [(0, self.in_features)], [pack], [float(steps[0])], [zi],
+                             scale.float().contiguous(), zero_point.float().contiguous(), folded.float().contiguous(),
+                             None, None, 0.0, multiplier)
+
     def whole_pack(self) -> torch.Tensor:
         """The prepacked [N, K] matrix (rebuilt if a grouped grid released it)."""
         if self.packed is None:
@@ -347,6 +375,8 @@ class OneDNNWeight:
             if self.packed is not None:
                 return self.packed.to_dense().t().contiguous()
             terms = self._terms  # released and grouped: the per-group packs hold the columns
+            if terms.multiplier is not None:  # one pack of W * multiplier
+                return (terms.packs[0].to_dense().t().to(torch.int32) // terms.multiplier).to(torch.int8)
             w = torch.empty(self.out_features, self.in_features, dtype=torch.int8)
             for (start, end), pack in zip(terms.bounds, terms.packs, strict=True):
                 w[:, terms.order[start:end]] = pack.to_dense().t()

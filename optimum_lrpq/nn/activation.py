@@ -92,7 +92,11 @@ class PerHeadQuantizer(UniformQuantizer):
         super().__init__(bits, channels=heads, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, -1)).transpose(1, -1)
+        if self.observer is not None:  # observers take the channel (head) on the last dim
+            return super().forward(x.transpose(1, -1)).transpose(1, -1)
+        # the grid broadcast over dim 1 instead of transposing x: same values, contiguous passes
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return uniform.fake_quantize(x, self.scale.view(view), self.zero_point.view(view), self.bits)
 
 
 class LogQuantizer(ActivationQuantizer):

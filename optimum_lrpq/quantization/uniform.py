@@ -49,7 +49,13 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize then dequantize, computed in float32 and returned in `x.dtype`."""
     xf = x.float()
-    return dequantize(quantize(xf, scale, zero_point, bits), scale, zero_point).to(x.dtype)
+    if torch.is_grad_enabled() and (xf.requires_grad or scale.requires_grad or zero_point.requires_grad):
+        return dequantize(quantize(xf, scale, zero_point, bits), scale, zero_point).to(x.dtype)
+    # Inference: the same operations in the same order, in one buffer (activations are large; each new tensor
+    # costs an allocation and a pass of page faults).
+    out = xf / scale
+    out.add_(zero_point).round_().clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
+    return out.to(x.dtype)
 
 
 def channel_view_shape(ndim: int, channel_axis: int, channels: int) -> list[int]:
