@@ -41,8 +41,9 @@ def log_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = 
 def log_dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
     """scale * 2**(-q / k), and 0 for the zero code (direct form)."""
     codes = codes.float()
-    values = codes / -_log_steps(sqrt2)
-    values.exp2_().mul_(scale)  # in place: the same operations as exp2(codes / -k) * scale, one buffer
+    # codes * (-1/k) equals codes / -k exactly (k is 1 or 2); in place: one buffer for exp2(...) * scale
+    values = codes * (-1.0 / _log_steps(sqrt2))
+    values.exp2_().mul_(scale)
     return values.masked_fill_(codes >= zero_code(bits), 0.0)
 
 
