@@ -174,7 +174,8 @@ class LRPQConfig(QuantizationConfigMixin):
         calibration_dataset, calibration_split, calibration_image_column: a dataset given by hub name or local
             path, used when quantizing at load time (`from_pretrained(..., quantization_config=...)`).
         kernel_backend: how a quantized model computes: "auto" (default: an integer backend where this device has
-            integer GEMM units, e.g. "onednn" on x86 CPUs with AVX512-VNNI or AMX, else "reference"), "reference"
+            integer GEMM units: "onednn" on x86 CPUs with AVX512-VNNI or AMX, "intmm" (`torch._int_mm`) on CUDA GPUs,
+            else "reference"), "reference"
             (dequantize to float and multiply in float: the oracle) or another registered backend (see
             `optimum_lrpq.kernels.available_backends()`). Calibration always runs on the reference backend. Saved
             with the model; override after loading with `optimum_lrpq.set_kernel_backend(model, name)` or before it
