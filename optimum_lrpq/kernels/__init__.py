@@ -1,7 +1,8 @@
 """Kernels: the arithmetic of quantized layers behind one backend interface (`backend.py`).
 
 Importing this package registers every backend in it. `reference` (dequantize + float matmul) is the default and the
-oracle; an integer backend is one more file here.
+oracle; `onednn` (x86 VNNI/AMX CPUs) and `intmm` (`torch._int_mm`, CUDA) are the integer backends, built on
+`integer.IntegerBackend`; another backend is one more file here.
 """
 
 from . import intmm, onednn, reference  # noqa: F401  (registers the reference, oneDNN and torch._int_mm backends)

@@ -32,17 +32,16 @@ from typing import Any
 
 import torch
 
-from ..quantization import packing
-from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight, register_backend
+from .backend import ActivationGrid, PackedWeight, register_backend
+from .integer import IntegerBackend, int8_rows, packed_codes, tensor_version
 from .onednn import cpu_has_int8_dot
-from .reference import ReferenceBackend, dequantize_weight
+from .reference import dequantize_weight
 
 # A per-channel grid with more distinct product steps than this runs on the reference math (one GEMM per block).
 MAX_BLOCKS = 8
 # How many `linear` calls took each path ("integer" or "reference"); for tests and profiling.
 PATH_COUNTS: collections.Counter = collections.Counter()
 
-_REFERENCE = ReferenceBackend()
 _CUDA_MIN_ROWS = 17  # torch._int_mm on CUDA: more than 16 rows
 _CUDA_MULTIPLE = 8  # ... and inner / outer sizes that are multiples of 8
 
@@ -90,18 +89,11 @@ class IntMMWeight:
             w[:, channels] = block[: channels.numel()].t()
         return w
 
-    def targets(self) -> torch.Tensor:
-        target = self.source.zero_point.detach().reshape(-1).to(torch.int32)
-        if self.offset is not None:
-            target = target + self.offset.round().to(torch.int32)
-        return target
-
     def codes(self) -> torch.Tensor:
         """The packed codes, as stored (rebuilt from W after `release()`)."""
         if self.source.codes is not None:
             return self.source.codes
-        codes = self.int8_weight().to(torch.int32) + self.targets()[:, None]
-        return packing.pack(codes.to(torch.uint8), self.source.bits)
+        return packed_codes(self.int8_weight(), self.source.zero_point, self.offset, self.source.bits)
 
     def release(self) -> None:
         self.source = PackedWeight(None, self.source.bits, self.source.shape, self.source.scale,
@@ -118,7 +110,7 @@ class IntMMWeight:
     def blocks(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Blocks | None:
         """The constants for (grid, bias), cached for the last pair seen (keyed on the tensors and their versions);
         None where the integer path does not apply."""
-        key = tuple((t, _version(t)) for t in (grid.scale, grid.zero_point, grid.product_step, bias))
+        key = tuple((t, tensor_version(t)) for t in (grid.scale, grid.zero_point, grid.product_step, bias))
         if self._key is not None and all(a[0] is b[0] and a[1] == b[1] and a[1] is not None
                                          for a, b in zip(key, self._key, strict=True)):
             return self._blocks
@@ -179,31 +171,17 @@ class IntMMWeight:
                                        self.source.zero_point),)
 
 
-def _version(t: torch.Tensor | None) -> int | None:
-    if t is None:
-        return 0
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
-
-
 def _prepare(weight: PackedWeight) -> IntMMWeight | None:
-    out_features, in_features = weight.shape
-    zero_point = weight.zero_point.detach().reshape(-1).double()
-    if in_features == 0 or zero_point.numel() != out_features or not torch.equal(zero_point, zero_point.round()):
+    rows = int8_rows(weight)
+    if rows is None:
         return None
-    codes = packing.unpack(weight.codes, weight.bits, in_features).to(torch.int32)
-    zw = zero_point.to(torch.int32)
-    lower, upper = codes.amax(dim=1) - 127, codes.amin(dim=1) + 128
-    target = torch.minimum(torch.maximum(zw, lower), upper)
-    e = (target - zw).double()
+    out_features, in_features = weight.shape
     return IntMMWeight(
-        transposed=(codes - target[:, None]).to(torch.int8).t().contiguous(),
+        transposed=rows.weight.t().contiguous(),
         in_features=in_features,
         out_features=out_features,
         weight_scale=weight.scale.detach().reshape(-1).float().clone(),
-        offset=e if bool((e != 0).any()) else None,
+        offset=rows.offset,
         source=weight,
     )
 
@@ -229,8 +207,10 @@ def _linear(x2: torch.Tensor, weight: IntMMWeight, blocks: _Blocks, grid: Activa
     return y
 
 
-class IntMMBackend(KernelBackend):
+class IntMMBackend(IntegerBackend):
     name = "intmm"
+    prepared_type = IntMMWeight
+    path_counts = PATH_COUNTS
     priority = 5  # below oneDNN on CPUs that have both; the integer backend of CUDA devices
     requirements = "a CUDA GPU with compute capability >= 7.5, or a CPU with AVX512-VNNI, AVX-VNNI or AMX-INT8"
 
@@ -254,40 +234,12 @@ class IntMMBackend(KernelBackend):
                 return prepared
         return dequantize_weight(weight, dtype)
 
-    @torch.compiler.disable
-    def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
-               input_grid: ActivationGrid | None) -> torch.Tensor:
-        if isinstance(weight, torch.Tensor):
-            PATH_COUNTS["reference"] += 1
-            return _REFERENCE.linear(x, weight, bias, input_grid)
-        grad = torch.is_grad_enabled()
-        blocks = None
-        if (input_grid is not None and x.dtype == torch.float32 and x.device == weight.weight_scale.device
-                and x.numel() > 0 and x.shape[-1] == weight.in_features and not (grad and x.requires_grad)):
-            blocks = weight.blocks(input_grid, bias)
-        if blocks is None:
-            PATH_COUNTS["reference"] += 1
-            return _REFERENCE.linear(x, weight.dense(x.dtype), bias, input_grid)
-        PATH_COUNTS["integer"] += 1
-        y = _linear(x.reshape(-1, weight.in_features), weight, blocks, input_grid)
-        if grad and bias is not None and bias.requires_grad:
-            y = y + (bias - bias.detach())  # exactly +0, but carries the bias' gradient
-        return y.reshape(*x.shape[:-1], weight.out_features)
+    def constants(self, weight: IntMMWeight, grid: ActivationGrid, bias: torch.Tensor | None) -> _Blocks | None:
+        return weight.blocks(grid, bias)
 
-    def release_codes(self, prepared: Any) -> bool:
-        if not isinstance(prepared, IntMMWeight):
-            return False
-        prepared.release()
-        return True
-
-    def restore_codes(self, prepared: Any) -> torch.Tensor:
-        return prepared.codes()
-
-    def conv2d(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, input_grid: ActivationGrid | None,
-               geometry: ConvGeometry) -> torch.Tensor:
-        if not isinstance(weight, torch.Tensor):
-            weight = weight.dense(x.dtype)
-        return _REFERENCE.conv2d(x, weight, bias, input_grid, geometry)
+    def integer_linear(self, x: torch.Tensor, x2: torch.Tensor, weight: IntMMWeight, blocks: _Blocks,
+                       grid: ActivationGrid) -> torch.Tensor:
+        return _linear(x2, weight, blocks, grid)
 
 
 register_backend(IntMMBackend())

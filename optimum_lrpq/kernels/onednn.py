@@ -53,8 +53,9 @@ from typing import Any
 import torch
 
 from ..quantization import packing
-from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight, register_backend
-from .reference import ReferenceBackend, dequantize_weight
+from .backend import ActivationGrid, PackedWeight, register_backend
+from .integer import IntegerBackend, int8_rows, packed_codes, row_targets, tensor_version
+from .reference import dequantize_weight
 
 # Quantize the input with a torch.compile'd kernel (read at every call; see the module docstring).
 COMPILE_QUANTIZE = os.environ.get("OPTIMUM_LRPQ_ONEDNN_COMPILE", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -62,7 +63,6 @@ COMPILE_QUANTIZE = os.environ.get("OPTIMUM_LRPQ_ONEDNN_COMPILE", "0").strip().lo
 # How many `linear` calls took each path ("integer" or "reference"); for tests and profiling.
 PATH_COUNTS: collections.Counter = collections.Counter()
 
-_REFERENCE = ReferenceBackend()
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 
 
@@ -148,8 +148,8 @@ class _LastCodes:
 
     @staticmethod
     def _key_of(x: torch.Tensor, grid: ActivationGrid, qmax: int) -> tuple:
-        return (x.data_ptr(), tuple(x.shape), _version(x), id(grid.scale), _version(grid.scale), id(grid.zero_point),
-                _version(grid.zero_point), qmax)
+        return (x.data_ptr(), tuple(x.shape), tensor_version(x), id(grid.scale), tensor_version(grid.scale), id(grid.zero_point),
+                tensor_version(grid.zero_point), qmax)
 
     def get(self, x: torch.Tensor, grid: ActivationGrid, qmax: int) -> torch.Tensor | None:
         if self._key is None or self._ref() is not x or self._key != self._key_of(x, grid, qmax):
@@ -164,15 +164,6 @@ _SHARED_CODES = _LastCodes()
 
 
 # ---------------------------------------------------------------------------------------------- prepared weight
-
-
-def _version(t: torch.Tensor | None) -> int | None:
-    if t is None:
-        return 0
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter
-        return None
 
 
 @dataclass(eq=False)
@@ -253,8 +244,7 @@ class OneDNNWeight:
         """The packed codes, as stored (`qw = W + t`, packed)."""
         if self.source.codes is not None:
             return self.source.codes
-        codes = self.int8_weight().to(torch.int32) + self._offsets()[:, None]
-        return packing.pack(codes.to(torch.uint8), self.source.bits)
+        return packed_codes(self.int8_weight(), self.source.zero_point, self.offset, self.source.bits)
 
     def terms(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Terms | _GroupedTerms | None:
         """The grid- and bias-dependent constants (None: a per-channel grid with more than `MAX_STEP_GROUPS`
@@ -262,8 +252,8 @@ class OneDNNWeight:
 
         Cached for the last (grid, bias) seen: the key holds the tensors themselves (identity) and their versions,
         so replacing or editing the grid or the bias in place recomputes them."""
-        key = (grid.scale, _version(grid.scale), grid.zero_point, _version(grid.zero_point), bias, _version(bias),
-               grid.product_step, _version(grid.product_step))
+        key = (grid.scale, tensor_version(grid.scale), grid.zero_point, tensor_version(grid.zero_point), bias, tensor_version(bias),
+               grid.product_step, tensor_version(grid.product_step))
         if self._terms_key is not None and None not in key[1::2] and _same_key(key, self._terms_key):
             return self._terms
         if self.source.codes is None and self.packed is None:  # released, per-group packs: the next terms may not
@@ -382,14 +372,7 @@ class OneDNNWeight:
                 w[:, terms.order[start:end]] = pack.to_dense().t()
             return w
         codes = packing.unpack(self.source.codes, self.source.bits, self.in_features).to(torch.int32)
-        return (codes - self._offsets()[:, None]).to(torch.int8)
-
-    def _offsets(self) -> torch.Tensor:
-        """t per row (int32 [N]): the weight zero point plus the 8-bit offset e."""
-        target = self.source.zero_point.detach().reshape(-1).to(torch.int32)
-        if self.offset is not None:
-            target = target + self.offset.round().to(torch.int32)
-        return target
+        return (codes - row_targets(self.source.zero_point, self.offset)[:, None]).to(torch.int8)
 
     def __reduce__(self):
         # The MKLDNN tensor cannot be pickled or deep-copied: rebuild it from the stored codes instead.
@@ -402,17 +385,11 @@ def _same_key(a: tuple, b: tuple) -> bool:
 
 def _prepare_linear(weight: PackedWeight) -> OneDNNWeight | None:
     """The oneDNN layout of a 2-d weight, or None when the integer path cannot represent it exactly."""
-    out_features, in_features = weight.shape
-    zero_point = weight.zero_point.detach().reshape(-1).double()
-    if in_features == 0 or zero_point.numel() != out_features or not torch.equal(zero_point, zero_point.round()):
+    rows = int8_rows(weight)
+    if rows is None:
         return None  # a fractional weight zero point has no integer form
-    codes = packing.unpack(weight.codes, weight.bits, in_features).to(torch.int32)
-    zw = zero_point.to(torch.int32)
-    # Per row the offset closest to zw within [max(qw) - 127, min(qw) + 128], the range that makes qw - t fit int8.
-    lower, upper = codes.amax(dim=1) - 127, codes.amin(dim=1) + 128
-    target = torch.minimum(torch.maximum(zw, lower), upper)
-    w = (codes - target[:, None]).to(torch.int8).contiguous()
-    e = (target - zw).double()
+    out_features, in_features = weight.shape
+    w = rows.weight.contiguous()
     packed = torch.ops.onednn.qlinear_prepack(w, None)
     return OneDNNWeight(
         packed=packed,
@@ -421,7 +398,7 @@ def _prepare_linear(weight: PackedWeight) -> OneDNNWeight | None:
         weight_scale=weight.scale.detach().reshape(-1).float().clone().contiguous(),
         weight_zero_points=torch.zeros(out_features, dtype=torch.int64),
         row_sum=w.sum(dim=1, dtype=torch.int64).double(),
-        offset=e if bool((e != 0).any()) else None,
+        offset=rows.offset,
         source=weight,
     )
 
@@ -453,8 +430,10 @@ def _grouped_linear(x2: torch.Tensor, weight: OneDNNWeight, terms: _GroupedTerms
 # ---------------------------------------------------------------------------------------------- backend
 
 
-class OneDNNBackend(KernelBackend):
+class OneDNNBackend(IntegerBackend):
     name = "onednn"
+    prepared_type = OneDNNWeight
+    path_counts = PATH_COUNTS
     priority = 10  # preferred over the reference backend by "auto" where it is available
     requirements = "a CPU with AVX512-VNNI, AVX-VNNI or AMX-INT8 and a torch build with oneDNN"
 
@@ -475,62 +454,26 @@ class OneDNNBackend(KernelBackend):
                 return prepared
         return dequantize_weight(weight, dtype)
 
-    # torch.compile cannot trace the oneDNN call on an opaque prepacked weight: the compiled graph breaks here and
-    # this method runs eagerly, the rest of the model compiled.
-    @torch.compiler.disable
-    def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
-               input_grid: ActivationGrid | None) -> torch.Tensor:
-        if isinstance(weight, torch.Tensor):  # the reference layout (see prepare_weight)
-            PATH_COUNTS["reference"] += 1
-            return _REFERENCE.linear(x, weight, bias, input_grid)
-        grad = torch.is_grad_enabled()
-        terms = None
-        if (input_grid is not None and x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
-                and x.shape[-1] == weight.in_features and not (grad and x.requires_grad)):
-            terms = weight.terms(input_grid, bias)
-        if terms is None:
-            PATH_COUNTS["reference"] += 1
-            return _REFERENCE.linear(x, weight.dense(x.dtype), bias, input_grid)
-        PATH_COUNTS["integer"] += 1
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, weight.in_features)
-        qmax = (1 << input_grid.bits) - 1
+    def constants(self, weight: OneDNNWeight, grid: ActivationGrid, bias: torch.Tensor | None):
+        return weight.terms(grid, bias)
+
+    def integer_linear(self, x: torch.Tensor, x2: torch.Tensor, weight: OneDNNWeight, terms,
+                       grid: ActivationGrid) -> torch.Tensor:
+        qmax = (1 << grid.bits) - 1
         if isinstance(terms, _GroupedTerms):
-            y = _grouped_linear(x2, weight, terms, qmax)
-        else:
-            codes = _SHARED_CODES.get(x, input_grid, qmax) if input_grid.applied else None
-            if codes is None:
-                scale = input_grid.scale.reshape(-1)[:1]
-                zero_point = input_grid.zero_point.reshape(-1)[:1]
-                codes = _quantize(x2, scale, zero_point, qmax)
-                if input_grid.applied:
-                    _SHARED_CODES.put(x, input_grid, qmax, codes)
-            y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, weight.whole_pack(),
-                                                   weight.weight_scale, weight.weight_zero_points, terms.bias,
-                                                   1.0, 0, torch.float32, "none", [], "")
-            if terms.coef is not None:
-                row_sums = codes.sum(dim=1, dtype=torch.int32) - weight.in_features * terms.zero_point
-                y.addr_(row_sums.float(), terms.coef)
-        if grad and bias is not None and bias.requires_grad:
-            y = y + (bias - bias.detach())  # exactly +0, but carries the bias' gradient
-        return y.reshape(*lead, weight.out_features)
-
-    def release_codes(self, prepared: Any) -> bool:
-        """The prepacked int8 matrix gives the codes back exactly (`OneDNNWeight.codes`): a layer on the integer path
-        then holds its weight once, as int8 (0.25x float32), instead of packed codes + int8."""
-        if not isinstance(prepared, OneDNNWeight):
-            return False
-        prepared.release()
-        return True
-
-    def restore_codes(self, prepared: Any) -> torch.Tensor:
-        return prepared.codes()
-
-    def conv2d(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, input_grid: ActivationGrid | None,
-               geometry: ConvGeometry) -> torch.Tensor:
-        if not isinstance(weight, torch.Tensor):
-            weight = weight.dense(x.dtype)
-        return _REFERENCE.conv2d(x, weight, bias, input_grid, geometry)
+            return _grouped_linear(x2, weight, terms, qmax)
+        codes = _SHARED_CODES.get(x, grid, qmax) if grid.applied else None
+        if codes is None:
+            codes = _quantize(x2, grid.scale.reshape(-1)[:1], grid.zero_point.reshape(-1)[:1], qmax)
+            if grid.applied:
+                _SHARED_CODES.put(x, grid, qmax, codes)
+        y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, weight.whole_pack(),
+                                               weight.weight_scale, weight.weight_zero_points, terms.bias,
+                                               1.0, 0, torch.float32, "none", [], "")
+        if terms.coef is not None:
+            row_sums = codes.sum(dim=1, dtype=torch.int32) - weight.in_features * terms.zero_point
+            y.addr_(row_sums.float(), terms.coef)
+        return y
 
 
 register_backend(OneDNNBackend())

@@ -1,0 +1,129 @@
+"""What the integer backends (`onednn`, `intmm`) share: the int8 form of a stored weight, cache keys, and the parts
+of the backend interface that do not depend on the GEMM used.
+
+A stored weight row is `(qw - zw) * sw` with `bits`-bit codes `qw` and an integer zero point `zw`. Its int8 form is
+`W = qw - t`, with per row the offset `t` closest to `zw` within [max(qw) - 127, min(qw) + 128] (the range that makes
+`qw - t` fit int8): `t = zw` always for <= 7-bit weights, and `e = t - zw` is non-zero only for 8-bit rows that span
+more than 256 - |zw - 128| codes; backends add `e` back through a rank-1 term.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..quantization import packing
+from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight
+from .reference import ReferenceBackend
+
+REFERENCE = ReferenceBackend()
+
+
+def tensor_version(t: torch.Tensor | None) -> int | None:
+    """`t._version` for cache keys: 0 for None, None for inference tensors (they have no version counter)."""
+    if t is None:
+        return 0
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+@dataclass(frozen=True)
+class Int8Rows:
+    """The int8 form of a stored 2-d weight (see the module docstring)."""
+
+    weight: torch.Tensor  # int8 [N, K], W = qw - t
+    offset: torch.Tensor | None  # float64 [N], e = t - zw; None when every e is 0
+
+
+def int8_rows(weight: PackedWeight) -> Int8Rows | None:
+    """`weight` as int8 rows, or None when it has no exact integer form (a fractional weight zero point)."""
+    out_features, in_features = weight.shape
+    zero_point = weight.zero_point.detach().reshape(-1).double()
+    if in_features == 0 or zero_point.numel() != out_features or not torch.equal(zero_point, zero_point.round()):
+        return None
+    codes = packing.unpack(weight.codes, weight.bits, in_features).to(torch.int32)
+    zw = zero_point.to(torch.int32)
+    target = torch.minimum(torch.maximum(zw, codes.amax(dim=1) - 127), codes.amin(dim=1) + 128)
+    e = (target - zw).double()
+    return Int8Rows((codes - target[:, None]).to(torch.int8), e if bool((e != 0).any()) else None)
+
+
+def row_targets(zero_point: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
+    """t per row (int32 [N]): the weight zero point plus the 8-bit offset e."""
+    target = zero_point.detach().reshape(-1).to(torch.int32)
+    if offset is not None:
+        target = target + offset.round().to(torch.int32)
+    return target
+
+
+def packed_codes(w: torch.Tensor, zero_point: torch.Tensor, offset: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """The stored packed codes `qw = W + t` of int8 rows `w` (inverse of `int8_rows`)."""
+    codes = w.to(torch.int32) + row_targets(zero_point, offset).to(w.device)[:, None]
+    return packing.pack(codes.to(torch.uint8), bits)
+
+
+class IntegerBackend(KernelBackend):
+    """Base of the integer backends: their prepared weights (`prepared_type`) can stand in for the stored codes
+    (`codes()`, `release()`), and convolutions use the reference math on the dequantized weight (`dense()`).
+
+    `linear` is shared: layers whose weight has no integer form, and inputs the integer path cannot take (no grid,
+    not float32, on another device, needing grad), are computed by the reference math; otherwise the backend's
+    `constants` (grid- and bias-dependent, cached by the prepared weight; None: not representable) and
+    `integer_linear` compute it. `path_counts` counts the calls of each path ("integer", "reference").
+    """
+
+    prepared_type: ClassVar[type]
+    path_counts: ClassVar[collections.Counter]
+
+    @abc.abstractmethod
+    def constants(self, weight: Any, grid: ActivationGrid, bias: torch.Tensor | None) -> Any:
+        """What the integer product of `weight` on `grid` with `bias` needs, or None where it cannot be exact."""
+
+    @abc.abstractmethod
+    def integer_linear(self, x: torch.Tensor, x2: torch.Tensor, weight: Any, constants: Any,
+                       grid: ActivationGrid) -> torch.Tensor:
+        """The product of `x2` (`x` as [rows, in], float32) with the prepared weight: float32 [rows, out]."""
+
+    # torch.compile cannot trace opaque prepacked weights: the compiled graph breaks here and this runs eagerly.
+    @torch.compiler.disable
+    def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
+               input_grid: ActivationGrid | None) -> torch.Tensor:
+        if isinstance(weight, torch.Tensor):  # the reference layout (a weight with no integer form)
+            self.path_counts["reference"] += 1
+            return REFERENCE.linear(x, weight, bias, input_grid)
+        grad = torch.is_grad_enabled()
+        constants = None
+        if (input_grid is not None and x.dtype == torch.float32 and x.device == weight.weight_scale.device
+                and x.numel() > 0 and x.shape[-1] == weight.in_features and not (grad and x.requires_grad)):
+            constants = self.constants(weight, input_grid, bias)
+        if constants is None:
+            self.path_counts["reference"] += 1
+            return REFERENCE.linear(x, weight.dense(x.dtype), bias, input_grid)
+        self.path_counts["integer"] += 1
+        y = self.integer_linear(x, x.reshape(-1, weight.in_features), weight, constants, input_grid)
+        if grad and bias is not None and bias.requires_grad:
+            y = y + (bias - bias.detach())  # exactly +0, but carries the bias' gradient
+        return y.reshape(*x.shape[:-1], weight.out_features)
+
+    def release_codes(self, prepared: Any) -> bool:
+        """The int8 matrix gives the codes back exactly: a layer on the integer path then holds its weight once,
+        as int8 (0.25x float32), instead of packed codes + int8."""
+        if not isinstance(prepared, self.prepared_type):
+            return False
+        prepared.release()
+        return True
+
+    def restore_codes(self, prepared: Any) -> torch.Tensor:
+        return prepared.codes()
+
+    def conv2d(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None, input_grid: ActivationGrid | None,
+               geometry: ConvGeometry) -> torch.Tensor:
+        if not isinstance(weight, torch.Tensor):
+            weight = weight.dense(x.dtype)
+        return REFERENCE.conv2d(x, weight, bias, input_grid, geometry)
