@@ -259,6 +259,13 @@ def worker_main(spec_path: str) -> None:
 # =============================================================================================== parent side
 
 
+def allocator_line() -> str:
+    """The memory allocator settings every subprocess inherits (glibc malloc tunables, a preloaded allocator)."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items())
+                if k.startswith(("MALLOC_", "GLIBC_TUNABLES")) or k == "LD_PRELOAD"]
+    return ", ".join(settings) if settings else "glibc malloc, default settings"
+
+
 def run_worker(spec: dict, env_extra: dict, workdir: Path, timeout: float, label: str) -> dict:
     """Run one measurement in a fresh interpreter; errors (raised, crashed, timed out) come back as {"error": ...}."""
     fd, spec_path = tempfile.mkstemp(suffix=".json", prefix="spec-", dir=workdir)
@@ -575,6 +582,7 @@ def main() -> None:
         + " ".join(f"{x:.2f}" for x in os.getloadavg()),
         f"machine: {machine_line(args.threads)}",
         f"versions: {versions_line()}",
+        f"allocator: {allocator_line()}",
         (f"timing: {args.warmup} warm-up + {args.repeats} timed forwards after the first, torch.inference_mode(), "
          f"median over the timed ones{f', median of {args.rounds} rounds' if args.rounds > 1 else ''}"),
     ]
