@@ -60,3 +60,16 @@ def pixels(n: int = 8, seed: int = 1) -> torch.Tensor:
 @torch.no_grad()
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(pixel_values=x).logits
+
+
+@torch.no_grad()
+def layer_inputs(model: torch.nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """What module `name` of `model` receives on `x`, as rows of its last dimension ([tokens, features])."""
+    seen = []
+    handle = model.get_submodule(name).register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    try:
+        model(pixel_values=x)
+    finally:
+        handle.remove()
+    return torch.cat(seen)

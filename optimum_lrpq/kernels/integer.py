@@ -127,3 +127,65 @@ class IntegerBackend(KernelBackend):
         if not isinstance(weight, torch.Tensor):
             weight = weight.dense(x.dtype)
         return REFERENCE.conv2d(x, weight, bias, input_grid, geometry)
+
+
+# ---------------------------------------------------------------------------------------------- per-grid constants
+
+
+def cache_key(*tensors: torch.Tensor | None) -> tuple:
+    """(tensor, version) pairs: a cache keyed on the tensors themselves and on in-place edits of them."""
+    return tuple((t, tensor_version(t)) for t in tensors)
+
+
+def key_matches(key: tuple, cached: tuple | None) -> bool:
+    """Whether a value cached under `cached` still holds for `key`: the same tensors, unchanged (an inference tensor
+    has no version counter, so it never matches)."""
+    return cached is not None and len(key) == len(cached) and all(
+        new[0] is old[0] and new[1] is not None and new[1] == old[1] for new, old in zip(key, cached))
+
+
+def integer_zero_point(zero_points: torch.Tensor) -> int:
+    """The integer in [0, 255] nearest the mean of (possibly fractional) input zero points."""
+    return min(max(round(float(zero_points.double().mean())), 0), 255)
+
+
+@dataclass(frozen=True)
+class StepBlocks:
+    """Input channels grouped by the step their codes take in the product (`ActivationGrid.product_step`): an
+    integer GEMM factors one step out of each block. Per block: its channels (ascending indices; None: one block of
+    every channel, in place), its step and the integer zero point given to the GEMM; `remainder[c]` is channel c's
+    zero point minus its block's, corrected through the bias (`folded_bias`)."""
+
+    channels: list[torch.Tensor | None]
+    steps: list[float]
+    zero_points: list[int]
+    remainder: torch.Tensor  # float64 [K]
+
+
+def step_blocks(step: torch.Tensor, zero_point: torch.Tensor, max_blocks: int,
+                single: bool = False) -> StepBlocks | None:
+    """Blocks of channels sharing a step (`step`, `zero_point`: [K]); None with more than `max_blocks` steps.
+    `single`: one block with the smallest step, for weights that carry the other steps' multiples themselves."""
+    values, block_of = torch.unique(step, return_inverse=True)
+    if single or values.numel() == 1:
+        zi = integer_zero_point(zero_point)
+        return StepBlocks([None], [float(values[0])], [zi], zero_point.double() - zi)
+    if values.numel() > max_blocks:
+        return None
+    remainder = torch.empty(step.numel(), dtype=torch.float64, device=step.device)
+    channels, zero_points = [], []
+    for g in range(values.numel()):
+        members = torch.nonzero(block_of == g).flatten()
+        zi = integer_zero_point(zero_point[members])
+        remainder[members] = zero_point[members].double() - zi
+        channels.append(members)
+        zero_points.append(zi)
+    return StepBlocks(channels, [float(v) for v in values], zero_points, remainder)
+
+
+def folded_bias(bias: torch.Tensor | None, weight_scale: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
+                remainder: torch.Tensor) -> torch.Tensor:
+    """b - sw * (W @ (step * remainder)) in float64 [N]: the zero-point remainders of `step_blocks`, exactly."""
+    sw = weight_scale.double()
+    b = bias.detach().double() if bias is not None else torch.zeros_like(sw)
+    return b - sw * (w.double() @ (step.double() * remainder))

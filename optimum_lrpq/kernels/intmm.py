@@ -27,13 +27,14 @@ the reference math, with a float copy of the weight made on first need.
 from __future__ import annotations
 
 import collections
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .backend import ActivationGrid, PackedWeight, register_backend
-from .integer import IntegerBackend, int8_rows, packed_codes, tensor_version
+from .integer import IntegerBackend, cache_key, folded_bias, int8_rows, key_matches, packed_codes, step_blocks
 from .onednn import cpu_has_int8_dot
 from .reference import dequantize_weight
 
@@ -96,23 +97,23 @@ class IntMMWeight:
         return packed_codes(self.int8_weight(), self.source.zero_point, self.offset, self.source.bits)
 
     def release(self) -> None:
-        self.source = PackedWeight(None, self.source.bits, self.source.shape, self.source.scale,
-                                   self.source.zero_point)
+        self.source = dataclasses.replace(self.source, codes=None)
+
+    def stored(self) -> PackedWeight:
+        """The stored weight, its codes rebuilt from W after `release()`."""
+        return self.source if self.source.codes is not None else dataclasses.replace(self.source, codes=self.codes())
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
         weight = self._dense.get(dtype)
         if weight is None:
-            stored = PackedWeight(self.codes(), self.source.bits, self.source.shape, self.source.scale,
-                                  self.source.zero_point)
-            weight = self._dense[dtype] = dequantize_weight(stored, dtype)
+            weight = self._dense[dtype] = dequantize_weight(self.stored(), dtype)
         return weight
 
     def blocks(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Blocks | None:
         """The constants for (grid, bias), cached for the last pair seen (keyed on the tensors and their versions);
         None where the integer path does not apply."""
-        key = tuple((t, tensor_version(t)) for t in (grid.scale, grid.zero_point, grid.product_step, bias))
-        if self._key is not None and all(a[0] is b[0] and a[1] == b[1] and a[1] is not None
-                                         for a, b in zip(key, self._key, strict=True)):
+        key = cache_key(grid.scale, grid.zero_point, grid.product_step, bias)
+        if key_matches(key, self._key):
             return self._blocks
         blocks = self._make_blocks(grid, bias)
         self._key, self._blocks = key, blocks
@@ -127,48 +128,30 @@ class IntMMWeight:
                 bool(torch.isfinite(scale).all()) and bool((scale > 0).all()) and bool(torch.isfinite(step).all())
                 and bool((step > 0).all()) and bool(torch.isfinite(zero_point).all())):
             return None
-        values, block_of = torch.unique(step, return_inverse=True)
-        if values.numel() > MAX_BLOCKS:
+        blocks = step_blocks(step, zero_point, MAX_BLOCKS)
+        if blocks is None:
             return None
         w = self.int8_weight()
         cuda = w.device.type == "cuda"
-        remainder = torch.empty(self.in_features, dtype=torch.float64, device=w.device)
-        channels_list, weights, steps, shifts = [], [], [], []
-        sw = self.weight_scale.double()
-        for g in range(values.numel()):
-            channels = None if values.numel() == 1 else torch.nonzero(block_of == g).flatten()
-            z = zero_point if channels is None else zero_point[channels]
-            zi = min(max(round(float(z.double().mean())), 0), 255)
-            if channels is None:
-                remainder[:] = z.double() - zi
-                block = w.t()
-            else:
-                remainder[channels] = z.double() - zi
-                block = w[:, channels].t()
+        weights, shifts = [], []
+        for channels, zi in zip(blocks.channels, blocks.zero_points, strict=True):
+            block = w.t() if channels is None else w[:, channels].t()
             rows = block.shape[0]
-            padded = _round_up(rows, _CUDA_MULTIPLE) if cuda else rows
-            wt = torch.zeros(padded, self.out_features, dtype=torch.int8, device=w.device)
+            wt = torch.zeros(_round_up(rows, _CUDA_MULTIPLE) if cuda else rows, self.out_features, dtype=torch.int8,
+                             device=w.device)
             wt[:rows] = block
-            column_sums = block.sum(dim=0, dtype=torch.int64).double()
-            channels_list.append(channels)
             weights.append(wt)
-            steps.append(float(values[g]))
-            shifts.append(((128 - zi) * column_sums).float())
-        product_step = step.double()
-        b = bias.detach().double() if bias is not None else torch.zeros_like(sw)
-        folded = b - sw * (w.double() @ (product_step * remainder))
-        coef = None
-        if self.offset is not None:
-            coef = (sw * self.offset).float()
+            shifts.append(((128 - zi) * block.sum(dim=0, dtype=torch.int64).double()).float())
+        folded = folded_bias(bias, self.weight_scale, w, step, blocks.remainder)
+        coef = None if self.offset is None else (self.weight_scale.double() * self.offset).float()
         self.transposed = None  # the blocks hold W now (one grid per layer)
-        return _Blocks(channels_list, weights, steps, shifts, folded.float(), coef,
-                       product_step.float() if coef is not None else None,
+        return _Blocks(blocks.channels, weights, blocks.steps, shifts, folded.float(), coef,
+                       step.float() if coef is not None else None,
                        zero_point.float() if coef is not None else None)
 
     def __reduce__(self):
         # Rebuilt from the stored codes (a copy shares nothing with this layout).
-        return _prepare, (PackedWeight(self.codes(), self.source.bits, self.source.shape, self.source.scale,
-                                       self.source.zero_point),)
+        return _prepare, (self.stored(),)
 
 
 def _prepare(weight: PackedWeight) -> IntMMWeight | None:

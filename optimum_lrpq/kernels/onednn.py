@@ -54,7 +54,18 @@ import torch
 
 from ..quantization import packing
 from .backend import ActivationGrid, PackedWeight, register_backend
-from .integer import IntegerBackend, int8_rows, packed_codes, row_targets, tensor_version
+from .integer import (
+    IntegerBackend,
+    cache_key,
+    folded_bias,
+    int8_rows,
+    integer_zero_point,
+    key_matches,
+    packed_codes,
+    row_targets,
+    step_blocks,
+    tensor_version,
+)
 from .reference import dequantize_weight
 
 # Quantize the input with a torch.compile'd kernel (read at every call; see the module docstring).
@@ -148,8 +159,8 @@ class _LastCodes:
 
     @staticmethod
     def _key_of(x: torch.Tensor, grid: ActivationGrid, qmax: int) -> tuple:
-        return (x.data_ptr(), tuple(x.shape), tensor_version(x), id(grid.scale), tensor_version(grid.scale), id(grid.zero_point),
-                tensor_version(grid.zero_point), qmax)
+        return (x.data_ptr(), tuple(x.shape), tensor_version(x), id(grid.scale), tensor_version(grid.scale),
+                id(grid.zero_point), tensor_version(grid.zero_point), qmax)
 
     def get(self, x: torch.Tensor, grid: ActivationGrid, qmax: int) -> torch.Tensor | None:
         if self._key is None or self._ref() is not x or self._key != self._key_of(x, grid, qmax):
@@ -252,9 +263,8 @@ class OneDNNWeight:
 
         Cached for the last (grid, bias) seen: the key holds the tensors themselves (identity) and their versions,
         so replacing or editing the grid or the bias in place recomputes them."""
-        key = (grid.scale, tensor_version(grid.scale), grid.zero_point, tensor_version(grid.zero_point), bias, tensor_version(bias),
-               grid.product_step, tensor_version(grid.product_step))
-        if self._terms_key is not None and None not in key[1::2] and _same_key(key, self._terms_key):
+        key = cache_key(grid.scale, grid.zero_point, grid.product_step, bias)
+        if key_matches(key, self._terms_key):
             return self._terms
         if self.source.codes is None and self.packed is None:  # released, per-group packs: the next terms may not
             self.packed = torch.ops.onednn.qlinear_prepack(self.int8_weight(), None)  # keep them, so rejoin them
@@ -264,7 +274,8 @@ class OneDNNWeight:
 
     def _compute_terms(self, grid: ActivationGrid, bias: torch.Tensor | None) -> _Terms | _GroupedTerms | None:
         scale, zero_point = grid.scale.reshape(-1), grid.zero_point.reshape(-1)
-        if not (bool(torch.isfinite(scale).all()) and bool((scale > 0).all()) and bool(torch.isfinite(zero_point).all())):
+        if not (bool(torch.isfinite(scale).all()) and bool((scale > 0).all())
+                and bool(torch.isfinite(zero_point).all())):
             return None  # a degenerate grid: leave it to the reference math
         if grid.product_step is not None and (grid.product_step.numel() not in (1, scale.numel()) or not bool(
                 (grid.product_step > 0).all() and torch.isfinite(grid.product_step).all())):
@@ -275,7 +286,7 @@ class OneDNNWeight:
         step = scale if grid.product_step is None else grid.product_step.reshape(-1).expand_as(scale)
         if bool((scale == scale[0]).all()) and bool((zero_point == zero_point[0]).all()):
             sx, zx = float(step[0]), float(zero_point[0])
-            zi = min(max(round(zx), 0), 255)
+            zi = integer_zero_point(zero_point[:1])
             f = zx - zi
             extra = self.row_sum if self.offset is None else self.row_sum + self.offset * self.in_features
             folded = (b - sx * sw * f * extra).float()
@@ -289,68 +300,49 @@ class OneDNNWeight:
                        sw: torch.Tensor) -> _GroupedTerms | None:
         """y = sum_g s_g*sw * (q_g - zi_g) @ W_gᵀ  +  b - sw * W @ (s * (z - zi))  [+ sw*e * sum_c s_c (q_c - z_c)],
         with codes q on the grid (`scale`, `zero_point`) and `step` s the factor each channel's codes take in the
-        product (the grid's own steps, or ones when the weight columns carry them)."""
-        steps, group_of = torch.unique(step, return_inverse=True)
+        product (the grid's own steps, or the power-of-two levels of `input_step_levels`)."""
         w = self.int8_weight()
-        folded = self._multiplied_terms(scale, step, steps, zero_point, b, sw, w)
-        if folded is not None:
-            return folded
-        if steps.numel() > MAX_STEP_GROUPS:
+        multiplier = self._step_multiplier(step, w)
+        blocks = step_blocks(step, zero_point, MAX_STEP_GROUPS, single=multiplier is not None)
+        if blocks is None:
             return None
-        remainder = torch.empty(self.in_features, dtype=torch.float64)
-        if steps.numel() == 1:  # one step (e.g. steps in the weight): the whole matrix, channels in place
+        if blocks.channels[0] is None:  # one block: the whole matrix, channels in place
             order, bounds = None, [(0, self.in_features)]
-            zi = min(max(round(float(zero_point.double().mean())), 0), 255)
-            remainder[:] = zero_point.double() - zi
-            packs, scales, zero_points = [self.whole_pack()], [float(steps[0])], [zi]
+            if multiplier is None:
+                packs = [self.whole_pack()]
+            else:  # the steps' multiples in the int8 columns: the multiplied pack replaces the whole-matrix one
+                packs = [torch.ops.onednn.qlinear_prepack((w.to(torch.int32) * multiplier).to(torch.int8), None)]
+                self.packed = None
         else:
-            order = torch.argsort(group_of, stable=True)
-            packs, scales, zero_points, bounds = [], [], [], []
-            start = 0
-            for g in range(steps.numel()):
-                channels = order[start:start + int((group_of == g).sum())]
-                end = start + channels.numel()
-                zi = min(max(round(float(zero_point[channels].double().mean())), 0), 255)
-                remainder[channels] = zero_point[channels].double() - zi
-                packs.append(torch.ops.onednn.qlinear_prepack(w[:, channels].contiguous(), None))
-                scales.append(float(steps[g]))
-                zero_points.append(zi)
-                bounds.append((start, end))
-                start = end
+            order = torch.cat(blocks.channels)
+            ends = torch.tensor([c.numel() for c in blocks.channels]).cumsum(0).tolist()
+            bounds = list(zip([0, *ends[:-1]], ends, strict=True))
+            packs = [torch.ops.onednn.qlinear_prepack(w[:, c].contiguous(), None) for c in blocks.channels]
             self.packed = None  # a layer keeps one grid: the per-group packs replace the whole-matrix one
-        product_step = step.double()
-        folded = b - sw * (w.double() @ (product_step * remainder))
+        folded = folded_bias(b, sw, w, step, blocks.remainder)
         coef, step_f, shift = None, None, 0.0
         if self.offset is not None:
-            folded = folded - sw * self.offset * float((product_step * remainder).sum())
+            product_step = step.double()
+            folded = folded - sw * self.offset * float((product_step * blocks.remainder).sum())
             coef = (sw * self.offset).float()
             step_f = step.float().contiguous()
-            shift = float((product_step * (zero_point.double() - remainder)).sum())  # sum_c s_c zi_c
-        return _GroupedTerms(order, bounds, packs, scales, zero_points, scale.float().contiguous(),
-                             zero_point.float().contiguous(), folded.float().contiguous(), coef, step_f, shift)
+            shift = float((product_step * (zero_point.double() - blocks.remainder)).sum())  # sum_c s_c zi_c
+        return _GroupedTerms(order, bounds, packs, blocks.steps, blocks.zero_points, scale.float().contiguous(),
+                             zero_point.float().contiguous(), folded.float().contiguous(), coef, step_f, shift,
+                             multiplier)
 
-    def _multiplied_terms(self, scale, step, steps, zero_point, b, sw, w) -> _GroupedTerms | None:
-        """Product steps that are power-of-two multiples m_c of the smallest one (`input_step_levels`), folded into
-        the int8 columns, W[:, c] * m_c, where that still fits int8 (<= 5-bit weight rows with 4 levels): then the
-        layer is one GEMM on the codes in place, with no per-level blocks to gather."""
-        if steps.numel() < 2 or self.offset is not None:
+    def _step_multiplier(self, step: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+        """Product steps that are power-of-two multiples m_c of the smallest one (`input_step_levels`) can live in the
+        int8 columns, W[:, c] * m_c, where that still fits int8 (<= 5-bit weight rows with 4 levels): then the layer
+        is one GEMM on the codes in place, with no per-level blocks to gather. m (int32 [K]), or None."""
+        if self.offset is not None:
             return None
-        multiplier = step.double() / float(steps[0])
-        if not torch.equal(multiplier, multiplier.round()) or float(multiplier.max()) > 127:
+        multiplier = step.double() / float(step.min())
+        if bool((multiplier == 1).all()) or not torch.equal(multiplier, multiplier.round()) or (
+                float(multiplier.max()) > 127):
             return None
         multiplier = multiplier.to(torch.int32)
-        widened = w.to(torch.int32) * multiplier
-        if int(widened.abs().max()) > 127:
-            return None
-        widened = widened.to(torch.int8)
-        zi = min(max(round(float(zero_point.double().mean())), 0), 255)
-        remainder = zero_point.double() - zi
-        folded = b - sw * (w.double() @ (step.double() * remainder))
-        pack = torch.ops.onednn.qlinear_prepack(widened.contiguous(), None)
-        self.packed = None  # the multiplied pack replaces the whole-matrix one
-        return _GroupedTerms(None, [(0, self.in_features)], [pack], [float(steps[0])], [zi],
-                             scale.float().contiguous(), zero_point.float().contiguous(), folded.float().contiguous(),
-                             None, None, 0.0, multiplier)
+        return multiplier if int((w.to(torch.int32).abs() * multiplier).max()) <= 127 else None
 
     def whole_pack(self) -> torch.Tensor:
         """The prepacked [N, K] matrix (rebuilt if a grouped grid released it)."""
@@ -377,10 +369,6 @@ class OneDNNWeight:
     def __reduce__(self):
         # The MKLDNN tensor cannot be pickled or deep-copied: rebuild it from the stored codes instead.
         return _rebuild, (self.stored(),)
-
-
-def _same_key(a: tuple, b: tuple) -> bool:
-    return all(x is y if i % 2 == 0 else x == y for i, (x, y) in enumerate(zip(a, b)))
 
 
 def _prepare_linear(weight: PackedWeight) -> OneDNNWeight | None:

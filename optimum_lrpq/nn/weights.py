@@ -167,13 +167,13 @@ class PackedWeightLayer(nn.Module):
         self.__dict__["_codes_placeholder"] = None
         self._cache_key = None
 
-    def _release_codes(self, backend: KernelBackend) -> None:
+    def _release_codes(self, backend: KernelBackend, dtype: torch.dtype) -> None:
         if not self.codes_released and backend.release_codes(self._cache):
             codes = self._buffers["qweight"]
             with torch.inference_mode(False):
                 placeholder = torch.zeros(1, dtype=codes.dtype, device=codes.device).expand(codes.shape)
             self.__dict__["_codes_placeholder"] = self._buffers["qweight"] = placeholder
-            self._cache_key = self._prepared_key(backend, self._cache_key[-1])
+            self._cache_key = self._prepared_key(backend, dtype)  # keyed on the placeholder from now on
 
     def backend(self) -> KernelBackend:
         """The backend that computes this layer where its weight is (resolves "auto" and unavailable backends)."""
@@ -187,7 +187,7 @@ class PackedWeightLayer(nn.Module):
             self._cache = backend.prepare_weight(self.packed_weight(), dtype)
             self._cache_backend = backend
             self._cache_key = self._prepared_key(backend, dtype)
-            self._release_codes(backend)  # hold the weight once where the backend's layout can
+            self._release_codes(backend, dtype)  # hold the weight once where the backend's layout can
         return self._cache
 
     def _prepared_key(self, backend: KernelBackend, dtype: torch.dtype) -> tuple:

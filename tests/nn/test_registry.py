@@ -33,3 +33,9 @@ def test_skeleton_and_from_float_share_the_layout():
 def test_an_unregistered_module_names_what_is_quantizable():
     with pytest.raises(TypeError, match=r"No quantized module for GELU; quantizable: \['Conv2d', 'LayerNorm', 'Linear'\]"):
         quantized_class_for(nn.GELU())
+
+
+def test_step_levels_need_the_layers_own_input_quantizer():
+    # The folded steps are those of the layer's input grid; an input quantized upstream has none of its own.
+    with pytest.raises(ValueError, match=r"input_step_levels needs the layer's own input quantizer \(input_bits\)"):
+        quantize_module(nn.Linear(8, 4), QuantSpec(weight_bits=4, input_bits=None, input_step_levels=4), skeleton=False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build, logits, pixels
+from tiny_models import build, layer_inputs, logits, pixels
 from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
@@ -81,13 +81,7 @@ def test_per_channel_inputs_take_at_most_g_steps_and_stay_close(groups, calibrat
 
 def test_zero_points_are_recomputed_from_each_channels_range(calibration):
     # Min/max fc2 grids: zero point = round(-min(low, 0) / grouped step), the formula of scale_zero_point_from_range.
-    float_model, seen = build("vit"), []
-    fc2 = float_model.get_submodule("vit.layers.1.mlp.fc2")
-    handle = fc2.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        float_model(pixel_values=calibration)
-    handle.remove()
-    rows = torch.cat(seen)
+    rows = layer_inputs(build("vit"), "vit.layers.1.mlp.fc2", calibration)
     low, high = rows.amin(0), rows.amax(0)
     scale, _ = scale_zero_point_from_range(low, high, 4)
     quant = quantize(calibration, bits=4, mlp_hidden_range="minmax", activation_step_groups=1)

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from tiny_models import build, logits, pixels
+from tiny_models import build, layer_inputs, logits, pixels
 from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
@@ -53,13 +53,7 @@ def test_per_channel_grid_is_each_channels_float_calibration_range():
     # The observation pass runs the float function, so fc2's grid is the min/max per channel of the float model's
     # fc2 input over the calibration images.
     calibration = pixels(ENOUGH_IMAGES)
-    float_model, seen = build("vit"), []
-    fc2 = float_model.get_submodule("vit.layers.0.mlp.fc2")
-    handle = fc2.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        float_model(pixel_values=calibration)
-    handle.remove()
-    rows = torch.cat(seen)
+    rows = layer_inputs(build("vit"), "vit.layers.0.mlp.fc2", calibration)
     scale, zero_point = scale_zero_point_from_range(rows.amin(0), rows.amax(0), 4)
     quant = quantize(calibration, mlp_hidden_range="minmax").get_submodule("vit.layers.0.mlp.fc2").input_quant
     torch.testing.assert_close(quant.scale, scale)
