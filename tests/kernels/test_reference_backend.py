@@ -167,3 +167,13 @@ def test_linear_keeps_autograd():
     y = REFERENCE.linear(x, REFERENCE.prepare_weight(weight, torch.float32), None, None)
     y.sum().backward()
     assert torch.allclose(x.grad, w.sum(0).expand(3, 8))
+
+
+def test_reference_layout_keeps_the_codes():
+    """The dequantized float weight cannot stand in for the stored codes: a layer on the reference backend keeps
+    them, and asking the backend for them is a programming error that names the backend."""
+    weight, _ = packed((10, 16), 4)
+    prepared = REFERENCE.prepare_weight(weight, torch.float32)
+    assert REFERENCE.release_codes(prepared) is False
+    with pytest.raises(NotImplementedError, match="the 'reference' backend does not release weight codes"):
+        REFERENCE.restore_codes(prepared)
