@@ -4,6 +4,9 @@ transformers only reports a missing tensor (and fills it with uninitialized memo
 quantized model either means wrong outputs, so an lrpq checkpoint must contain exactly the tensors of the
 quantized skeleton, with their shapes, and the integer/float dtypes the quantized layers store. Only the
 safetensors headers are read (no pickle is ever loaded).
+
+Errors name each tensor both ways (`naming.TensorNames`): by the transformers 5.x module path that `config.json` and
+`optimum-lrpq inspect` use, and by the legacy name it is stored under in the safetensors file.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..nn import ActivationQuantizer, PackedWeightLayer
+from .naming import TensorNames
 
 # dtypes a quantized checkpoint must use for the tensors the plugin adds (suffix -> safetensors dtype name).
 _QUANT_DTYPES = {
@@ -66,20 +70,21 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Sequence[str] | None
         return
     expected = _expected_on_disk(model)
     found = _read_headers(checkpoint_files)
+    names = TensorNames(model)
     problems = []
     missing = sorted(set(expected) - set(found))
     if missing:
-        problems.append(f"missing tensors {missing[:5]}")
+        problems.append(f"missing tensors {_listing(missing, names.describe_stored)}")
     extra = sorted(set(found) - set(expected))
     if extra:
-        problems.append(f"unexpected tensors {extra[:5]}")
+        problems.append(f"unexpected tensors {_listing(extra, names.describe_stored)}")
     for name in sorted(set(expected) & set(found)):
         shape, (disk_shape, disk_dtype) = expected[name], found[name]
         if shape != disk_shape:
-            problems.append(f"tensor {name!r} has shape {list(disk_shape)}, expected {list(shape)}")
+            problems.append(f"tensor {names.describe_stored(name)} has shape {list(disk_shape)}, expected {list(shape)}")
         required = next((d for suffix, d in _QUANT_DTYPES.items() if name.endswith(suffix)), None)
         if required is not None and disk_dtype != required:
-            problems.append(f"tensor {name!r} is {disk_dtype}, expected {required}")
+            problems.append(f"tensor {names.describe_stored(name)} is {disk_dtype}, expected {required}")
         if len(problems) >= 8:
             break
     if problems:
@@ -87,6 +92,12 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Sequence[str] | None
             "This lrpq checkpoint does not match its quantization config: " + "; ".join(problems) + ". It is "
             "corrupt, was modified, or was written by an incompatible version; re-export it with optimum-lrpq."
         )
+
+
+def _listing(stored: list[str], describe, limit: int = 5) -> str:
+    """The first `limit` tensor names, each described both ways, and how many more there are."""
+    shown = ", ".join(describe(name) for name in stored[:limit])
+    return shown if len(stored) <= limit else f"{shown} and {len(stored) - limit} more"
 
 
 def validate_grids(model: nn.Module) -> None:
@@ -98,17 +109,18 @@ def validate_grids(model: nn.Module) -> None:
     refused with its tensor named, instead of running silently wrong or silently slow.
     """
     problems = []
+    names = TensorNames(model)
     for name, module in model.named_modules():
         if isinstance(module, PackedWeightLayer) and module.is_frozen:
             qmax = (1 << module.weight_bits) - 1
-            problems += _grid_problems(name, "weight_scale", module.weight_scale, None, None)
-            problems += _grid_problems(name, "weight_zero_point", None, module.weight_zero_point, qmax,
+            problems += _grid_problems(names, name, "weight_scale", module.weight_scale, None, None)
+            problems += _grid_problems(names, name, "weight_zero_point", None, module.weight_zero_point, qmax,
                                        integer=True)
         elif isinstance(module, ActivationQuantizer):
             zero_point = getattr(module, "zero_point", None)
-            problems += _grid_problems(name, "scale", module.scale, None, None)
+            problems += _grid_problems(names, name, "scale", module.scale, None, None)
             if zero_point is not None:
-                problems += _grid_problems(name, "zero_point", None, zero_point, (1 << module.bits) - 1)
+                problems += _grid_problems(names, name, "zero_point", None, zero_point, (1 << module.bits) - 1)
         if len(problems) >= 5:
             break
     if problems:
@@ -118,12 +130,13 @@ def validate_grids(model: nn.Module) -> None:
         )
 
 
-def _grid_problems(module: str, field: str, scale, zero_point, qmax: int | None, integer: bool = False) -> list[str]:
-    name = f"{module}.{field}" if module else field
+def _grid_problems(names: TensorNames, module: str, field: str, scale, zero_point, qmax: int | None,
+                   integer: bool = False) -> list[str]:
+    name = names.describe(f"{module}.{field}" if module else field)
     if scale is not None:
         bad = ~torch.isfinite(scale) | (scale <= 0)
         if bool(bad.any()):
-            return [(f"{name!r} has {int(bad.sum())} step(s) that are not positive finite numbers "
+            return [(f"{name} has {int(bad.sum())} step(s) that are not positive finite numbers "
                      f"(e.g. {scale[bad].reshape(-1)[0].item():g})")]
     if zero_point is not None:
         bad = ~torch.isfinite(zero_point) | (zero_point < 0) | (zero_point > qmax)
@@ -131,6 +144,6 @@ def _grid_problems(module: str, field: str, scale, zero_point, qmax: int | None,
             bad |= zero_point != torch.round(zero_point)
         if bool(bad.any()):
             kind = "whole numbers in" if integer else "in"
-            return [(f"{name!r} has {int(bad.sum())} zero point(s) not {kind} [0, {qmax}] "
+            return [(f"{name} has {int(bad.sum())} zero point(s) not {kind} [0, {qmax}] "
                      f"(e.g. {zero_point[bad].reshape(-1)[0].item():g})")]
     return []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -32,20 +33,32 @@ def tampered(saved, tmp_path, edit):
     return target
 
 
+def named(name: str, stored: str) -> str:
+    """How errors name a tensor: as config.json and `optimum-lrpq inspect` do (transformers 5.x modules), then as
+    stored on disk (legacy names); as a regular expression."""
+    return re.escape(f"`{name}` (stored as `{stored}`)")
+
+
 QWEIGHT = "vit.encoder.layer.0.intermediate.dense.qweight"
+QWEIGHT_NAMED = named("vit.layers.0.mlp.fc1.qweight", QWEIGHT)
 
 
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (lambda t: t.pop(QWEIGHT), rf"missing tensors \['{QWEIGHT}'\]"),
-        (lambda t: t.__setitem__("vit.encoder.layer.0.backdoor", torch.zeros(2)), "unexpected tensors"),
+        (lambda t: t.pop(QWEIGHT), rf"missing tensors {QWEIGHT_NAMED}\. It is corrupt"),
+        (lambda t: t.__setitem__("vit.encoder.layer.0.backdoor", torch.zeros(2)),
+         "unexpected tensors " + named("vit.layers.0.backdoor", "vit.encoder.layer.0.backdoor")),
         (lambda t: t.__setitem__(QWEIGHT, t[QWEIGHT][:, :-1].contiguous()),
-         rf"'{QWEIGHT}' has shape \[64, 15\], expected \[64, 16\]"),
-        (lambda t: t.__setitem__(QWEIGHT, t[QWEIGHT].float()), rf"'{QWEIGHT}' is F32, expected U8"),
-        (lambda t: t.pop("vit.encoder.layer.1.attention.softmax_quant.scale"), "softmax_quant.scale"),
+         rf"tensor {QWEIGHT_NAMED} has shape \[64, 15\], expected \[64, 16\]"),
+        (lambda t: t.__setitem__(QWEIGHT, t[QWEIGHT].float()), rf"tensor {QWEIGHT_NAMED} is F32, expected U8"),
+        (lambda t: t.pop("vit.encoder.layer.1.attention.softmax_quant.scale"),
+         "missing tensors " + named("vit.layers.1.attention.softmax_quant.scale",
+                                    "vit.encoder.layer.1.attention.softmax_quant.scale")),
+        # A name both schemes share is given once.
+        (lambda t: t.pop("classifier.weight_scale"), r"missing tensors `classifier.weight_scale`\. It is corrupt"),
     ],
-    ids=["missing", "extra", "packed-length", "dtype", "missing-quantizer"],
+    ids=["missing", "extra", "packed-length", "dtype", "missing-quantizer", "missing-same-name"],
 )
 def test_tampered_tensors(saved, tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
@@ -66,9 +79,11 @@ def _set_first(name: str, value: float):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (_set_first(WEIGHT_ZERO_POINT, 3.5), r"'vit.layers.0.mlp.fc1.weight_zero_point' has 1 zero point\(s\) not whole"),
+        (_set_first(WEIGHT_ZERO_POINT, 3.5),
+         named("vit.layers.0.mlp.fc1.weight_zero_point", WEIGHT_ZERO_POINT) + r" has 1 zero point\(s\) not whole"),
         (_set_first(WEIGHT_ZERO_POINT, 99.0), r"not whole numbers in \[0, 15\]"),
-        (_set_first(INPUT_SCALE, 0.0), r"'vit.layers.0.mlp.fc2.input_quant.scale' has 1 step\(s\) that are not positive"),
+        (_set_first(INPUT_SCALE, 0.0),
+         named("vit.layers.0.mlp.fc2.input_quant.scale", INPUT_SCALE) + r" has 1 step\(s\) that are not positive"),
         (_set_first(INPUT_SCALE, float("nan")), "not positive finite"),
     ],
     ids=["fractional-weight-zero-point", "weight-zero-point-off-range", "zero-step", "nan-step"],
