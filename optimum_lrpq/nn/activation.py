@@ -35,6 +35,11 @@ class ActivationQuantizer(nn.Module):
         """Take the grid from a finished observer (`optimum_lrpq.pipeline.observers.ActivationObserver`)."""
         raise NotImplementedError
 
+    def fake_quantize_(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` in place on a float32 tensor the caller owns and autograd does not need (inference with no
+        observer attached): the same values without a second tensor of x's size."""
+        raise NotImplementedError
+
 
 class UniformQuantizer(ActivationQuantizer):
     """Asymmetric uniform fake quantizer, per tensor (`channels=None`) or per channel along the last dim."""
@@ -77,6 +82,9 @@ class UniformQuantizer(ActivationQuantizer):
             return x
         return uniform.fake_quantize(x, self.scale, self.zero_point, self.bits)
 
+    def fake_quantize_(self, x: torch.Tensor) -> torch.Tensor:
+        return uniform.fake_quantize_(x, self.scale, self.zero_point, self.bits)
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'per_channel' if self.per_channel else 'per_tensor'}"
 
@@ -95,8 +103,16 @@ class PerHeadQuantizer(UniformQuantizer):
         if self.observer is not None:  # observers take the channel (head) on the last dim
             return super().forward(x.transpose(1, -1)).transpose(1, -1)
         # the grid broadcast over dim 1 instead of transposing x: same values, contiguous passes
-        view = (1, -1) + (1,) * (x.dim() - 2)
+        view = self._head_view(x)
         return uniform.fake_quantize(x, self.scale.view(view), self.zero_point.view(view), self.bits)
+
+    def fake_quantize_(self, x: torch.Tensor) -> torch.Tensor:
+        view = self._head_view(x)
+        return uniform.fake_quantize_(x, self.scale.view(view), self.zero_point.view(view), self.bits)
+
+    @staticmethod
+    def _head_view(x: torch.Tensor) -> tuple[int, ...]:
+        return (1, -1) + (1,) * (x.dim() - 2)
 
 
 class LogQuantizer(ActivationQuantizer):
@@ -120,6 +136,9 @@ class LogQuantizer(ActivationQuantizer):
             self.observer.observe(x)
             return x
         return logarithmic.log_fake_quantize(x, self.scale, self.bits, sqrt2=self.sqrt2)
+
+    def fake_quantize_(self, x: torch.Tensor) -> torch.Tensor:
+        return logarithmic.log_fake_quantize_(x, self.scale, self.bits, sqrt2=self.sqrt2)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, {'log_sqrt2' if self.sqrt2 else 'log2'}"

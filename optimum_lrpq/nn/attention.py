@@ -12,10 +12,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activation import LogQuantizer, PerHeadQuantizer, UniformQuantizer
+from .activation import ActivationQuantizer, LogQuantizer, PerHeadQuantizer, UniformQuantizer
 
 ATTENTION_KEY = "lrpq"
 QUANTIZER_NAMES = ("q_quant", "k_quant", "v_quant", "softmax_quant")
+
+# Inference computes attention a few images at a time, in place: [batch, heads, tokens, tokens] scores are the
+# largest activations of a ViT (60 MB at batch 32 for ViT-Base), and each fresh tensor that size costs ~25 ms of page
+# faults on a 2-core CPU while a pass over a block that stays in cache costs a few. About this many score elements
+# (float32) per block.
+IN_PLACE_BLOCK_ELEMENTS = 1 << 20
 
 # "auto" uses the log√2 quantizer below this many bits and the uniform one from it on. A log quantizer's relative
 # step near p = 1 is √2 whatever the bits (extra bits only reach smaller probabilities), while 8-bit uniform steps
@@ -78,9 +84,57 @@ def lrpq_attention_forward(
     """Eager attention with quantized q, k, v and attention probabilities ([batch, heads, tokens, dim] inputs)."""
     if scaling is None:
         scaling = query.size(-1) ** -0.5
+    if _in_place_applies(module, query, key, value, attention_mask, dropout):
+        return _attention_in_place(module, query, key, value, attention_mask, scaling)
     query = getattr(module, "q_quant", _identity)(query)
     key = getattr(module, "k_quant", _identity)(key)
     value = getattr(module, "v_quant", _identity)(value)
     output, probs = eager_attention(module, query, key, value, attention_mask, scaling, dropout,
                                     probs_quant=getattr(module, "softmax_quant", _identity))
     return output.transpose(1, 2).contiguous(), probs
+
+
+def _in_place_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float) -> bool:
+    """Whether the blockwise in-place path gives the same values: float32 inference (no autograd, no dropout), every
+    quantizer calibrated (no observer), a mask that is per batch item or shared, and eager execution (a compiler
+    fuses the plain path by itself)."""
+    if torch.compiler.is_compiling() or (dropout and module.training) or query.dim() != 4:
+        return False
+    tensors = (query, key, value) if attention_mask is None else (query, key, value, attention_mask)
+    if any(t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if attention_mask is not None and (attention_mask.dim() != 4 or attention_mask.shape[0] not in (1, query.shape[0])):
+        return False
+    for name in QUANTIZER_NAMES:
+        quant = getattr(module, name, None)
+        if quant is not None and (not isinstance(quant, ActivationQuantizer) or quant.observer is not None):
+            return False
+    return True
+
+
+def _attention_in_place(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lrpq_attention_forward` for inference, a block of batch items at a time: the same operations on the same
+    values (each item's products do not depend on the others), with the scores scaled, masked, normalised and
+    quantized in place in the probabilities tensor that is returned."""
+    batch, heads, tokens, _ = query.shape
+    keys, value_dim = key.shape[2], value.shape[3]
+    probs = torch.empty(batch, heads, tokens, keys, dtype=torch.float32, device=query.device)
+    output = torch.empty(batch, tokens, heads, value_dim, dtype=torch.float32, device=query.device)
+    q_quant, k_quant, v_quant, softmax_quant = (getattr(module, name, _identity) for name in QUANTIZER_NAMES)
+    step = max(1, IN_PLACE_BLOCK_ELEMENTS // max(1, heads * tokens * keys))
+    for start in range(0, batch, step):
+        end = min(batch, start + step)
+        scores = probs[start:end]
+        torch.matmul(q_quant(query[start:end]), k_quant(key[start:end]).transpose(2, 3), out=scores)
+        scores.mul_(scaling)
+        if attention_mask is not None:
+            scores.add_(attention_mask if attention_mask.shape[0] == 1 else attention_mask[start:end])
+        torch.softmax(scores, dim=-1, out=scores)
+        if softmax_quant is not _identity:
+            softmax_quant.fake_quantize_(scores)
+        output[start:end] = torch.matmul(scores, v_quant(value[start:end])).transpose(1, 2)
+    return output, probs

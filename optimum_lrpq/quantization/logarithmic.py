@@ -43,7 +43,10 @@ def log_dequantize(codes: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: b
     codes = codes.float()
     # codes * (-1/k) equals codes / -k exactly (k is 1 or 2); in place: one buffer for exp2(...) * scale
     values = codes * (-1.0 / _log_steps(sqrt2))
-    values.exp2_().mul_(scale)
+    if torch.is_grad_enabled() and values.requires_grad:
+        values = torch.exp2(values) * scale  # exp2's backward reads its output: not in place
+    else:
+        values.exp2_().mul_(scale)
     return values.masked_fill_(codes >= zero_code(bits), 0.0)
 
 
@@ -65,3 +68,23 @@ def log_dequantize_shift(codes: torch.Tensor, scale: torch.Tensor, bits: int, sq
 def log_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
     """Quantize then dequantize, computed in float32 and returned in `x.dtype`."""
     return log_dequantize(log_quantize(x, scale, bits, sqrt2), scale, bits, sqrt2).to(x.dtype)
+
+
+def log_fake_quantize_(x: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
+    """`log_fake_quantize` in place on a float32 `x` (the same operations in the same order, so the same values):
+    no temporary as large as `x`, which matters for attention probabilities ([batch, heads, tokens, tokens]).
+
+    The zero code is told apart by its value instead of a mask: it dequantizes to scale * 2**(-2**bits / k), a
+    factor >= √2 below the smallest level, so a threshold halfway between them (in the log domain) zeroes exactly
+    the underflow codes."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"log_fake_quantize_ works on float32 tensors, got {x.dtype}.")
+    k = _log_steps(sqrt2)
+    x.div_(scale).log2_().mul_(-k).round_()
+    x.nan_to_num_(nan=math.inf, posinf=math.inf, neginf=-math.inf).clamp_(0, zero_code(bits))
+    x.mul_(-1.0 / k).exp2_().mul_(scale)
+    # halfway (in the log domain) between the zero code's value and the last level's
+    between = (scale.double() * 2.0 ** (-(zero_code(bits) - 0.5) / k)).float()
+    if between.numel() == 1:
+        return torch.nn.functional.threshold_(x, float(between), 0.0)
+    return x.masked_fill_(x <= between, 0.0)

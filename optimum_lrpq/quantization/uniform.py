@@ -52,10 +52,21 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if torch.is_grad_enabled() and (xf.requires_grad or scale.requires_grad or zero_point.requires_grad):
         return dequantize(quantize(xf, scale, zero_point, bits), scale, zero_point).to(x.dtype)
     # Inference: the same operations in the same order, in one buffer (activations are large; each new tensor
-    # costs an allocation and a pass of page faults).
-    out = xf / scale
+    # costs an allocation and a pass of page faults). The buffer is contiguous whatever the layout of `x` (q, k, v
+    # arrive transposed), so the matmul that reads it needs no copy.
+    out = torch.empty(xf.shape, dtype=torch.float32, device=xf.device)
+    torch.div(xf, scale, out=out)
     out.add_(zero_point).round_().clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
     return out.to(x.dtype)
+
+
+def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """`fake_quantize` in place on a float32 `x` that the caller owns (same operations, same values); returns `x`.
+
+    Not for tensors autograd needs: the caller checks that gradients are off."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"fake_quantize_ works on float32 tensors, got {x.dtype}.")
+    return x.div_(scale).add_(zero_point).round_().clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
 
 
 def channel_view_shape(ndim: int, channel_axis: int, channels: int) -> list[int]:

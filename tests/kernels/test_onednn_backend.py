@@ -234,7 +234,9 @@ def test_grid_and_bias_edits_are_seen():
     assert relative_error(ONEDNN.linear(x, prepared, bias, other), REFERENCE.linear(x, dense, bias, other)) < 1e-5
 
 
-def test_input_codes_are_the_reference_codes():
+@pytest.mark.parametrize("block_elements", [1 << 19, 700, 100])  # one block; ragged blocks of 7 rows; 1 row each
+def test_input_codes_are_the_reference_codes(block_elements, monkeypatch):
+    monkeypatch.setattr(onednn, "QUANTIZE_BLOCK_ELEMENTS", block_elements)
     # values on and next to every rounding boundary, fractional zero point
     scale, zero_point = torch.tensor([0.0173]), torch.tensor([100.37])
     k = torch.arange(-20, 280).float() + 0.5
@@ -244,6 +246,9 @@ def test_input_codes_are_the_reference_codes():
     expected = uniform.quantize(x, scale, zero_point, 8).to(torch.uint8)
     assert torch.equal(onednn._quantize_eager(x, scale, zero_point, 255), expected)
     assert torch.equal(onednn._quantize_math(x, scale, zero_point, 255), expected)
+    scales, zero_points = torch.linspace(0.01, 0.03, 100), torch.linspace(0, 255, 100).round()  # per channel
+    assert torch.equal(onednn._quantize_eager(x, scales, zero_points, 255),
+                       uniform.quantize(x, scales, zero_points, 8).to(torch.uint8))
 
 
 def test_compiled_input_quantization_is_bit_identical(monkeypatch):

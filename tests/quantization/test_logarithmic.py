@@ -13,6 +13,7 @@ from optimum_lrpq.quantization.logarithmic import (
     log_dequantize,
     log_dequantize_shift,
     log_fake_quantize,
+    log_fake_quantize_,
     log_quantize,
     zero_code,
 )
@@ -139,3 +140,24 @@ def test_search_scale_rejects_bad_input():
         log2_search_scale(torch.tensor([0.1, float("nan"), 0.3]), 4)
     with pytest.raises(ValueError, match=r"bits must be .*between 2 and 8.*got 1"):
         log2_search_scale(torch.rand(10), 1)
+
+
+@pytest.mark.parametrize("sqrt2", MODES)
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("scale", [1.0, 0.37, 1e-3])
+def test_in_place_form_gives_the_same_values(bits, sqrt2, scale):
+    generator = torch.Generator().manual_seed(bits)
+    x = torch.softmax(4 * torch.randn(3, 5, 40, generator=generator), dim=-1)
+    every_level = scale * torch.exp2(-torch.arange(zero_code(bits) + 2, dtype=torch.float32) / _steps(sqrt2))
+    x[0, 0, : every_level.numel()] = every_level  # each level, the zero code's value and one below it
+    x[1, 0, :6] = torch.tensor([0.0, -1e-3, math.nan, 2.0, 1e-30, math.inf])
+    s = torch.tensor([scale])
+    expected = log_fake_quantize(x, s, bits, sqrt2)
+    result = x.clone()
+    assert log_fake_quantize_(result, s, bits, sqrt2) is result
+    assert torch.equal(result, expected)
+
+
+def test_in_place_form_needs_float32():
+    with pytest.raises(TypeError, match="float32"):
+        log_fake_quantize_(torch.rand(4, dtype=torch.float64), torch.ones(1), 4)
