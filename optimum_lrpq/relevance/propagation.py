@@ -19,7 +19,9 @@ type. How each piece is handled (rules in ``rules.py``):
   its head) keeps its autograd backward: moves and copies route relevance exactly, and a mean's gradient splits it
   evenly over the tokens, which is conservative.
 * conservation units (transformer blocks, Swin patch merging): identity relays on input and output record the total
-  relevance crossing them, for conservation checks.
+  relevance crossing them, for conservation checks. The first one also counts the tokens that enter the encoder as
+  all-zero vectors: LRP gives a zero input no relevance, so whatever reaches them is lost (see
+  ``_check_conservation``).
 
 Cost: one forward that keeps the activations the rules need, and one backward. The relays return their value
 without copying it; the Chefer linear rule reuses the forward's output, so it costs three matmuls (a gradient with
@@ -72,7 +74,9 @@ class RelevanceTrace:
     q/k/v_proj, which the attention quantizes; the probabilities count with v_proj, the operand they multiply; 0
     for every other layer). layer_weight: sum |R_ij| of the per-weight relevance (only if requested). branch: sum R
     entering each residual branch (site name -> values). block_in / block_out: total relevance at each block's input / output.
-    start: total start relevance.
+    start: total start relevance. zero_tokens: how many tokens enter the first block as all-zero vectors (e.g. the
+    class and distillation tokens of a DeiT built from a config: transformers initialises them, and its position
+    embeddings, to zero); relevance that reaches them is lost, so the encoder input then holds less than ``start``.
     """
 
     layers: list[str]
@@ -86,6 +90,7 @@ class RelevanceTrace:
     block_in: dict[str, Tensor]
     block_out: dict[str, Tensor]
     start: Tensor
+    zero_tokens: Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -254,8 +259,11 @@ def _site_end_hook(session: _Session, site: ResidualSite, state: _SiteState, mod
     return (branch, *output[1:]) if isinstance(output, tuple) else branch
 
 
-def _block_in_hook(session: _Session, name: str, module: nn.Module, args):
+def _block_in_hook(session: _Session, name: str, count_zero_tokens: bool, module: nn.Module, args):
     x = args[0]
+    if count_zero_tokens:
+        tokens = x.detach().reshape(session.batch_size, -1, x.shape[-1])
+        session.record("zero_tokens", name, (tokens == 0).all(-1).sum(1).to(torch.float64).cpu())
     return (relay(functools.partial(session.total_rule, "block_in", name), x, x), *args[1:])
 
 
@@ -294,8 +302,9 @@ def _hooks(model: nn.Module, layout: ModelLayout, session: _Session) -> Iterator
                 functools.partial(_site_start_hook, session, site, state)))
             handles.append(modules[site.end].register_forward_hook(
                 functools.partial(_site_end_hook, session, site, state)))
-        for block in layout.conservation_units:
-            handles.append(modules[block].register_forward_pre_hook(functools.partial(_block_in_hook, session, block)))
+        for index, block in enumerate(layout.conservation_units):
+            handles.append(modules[block].register_forward_pre_hook(
+                functools.partial(_block_in_hook, session, block, index == 0)))
             handles.append(modules[block].register_forward_hook(functools.partial(_block_out_hook, session, block)))
         yield
     finally:
@@ -376,18 +385,47 @@ def run_relevance_pass(
             starts.append(torch.full((pixels.shape[0],), float(sum(s for _, s in heads)), dtype=torch.float64))
     trace = _collect(model, layout, session, starts)
     if rule == "chefer":
-        _warn_if_not_conserved(trace)
+        _check_conservation(trace)
     return trace
 
 
-def _warn_if_not_conserved(trace: RelevanceTrace, tolerance: float = 0.01) -> None:
-    """The Chefer rules are conservative down to the encoder input; a loss there means relevance met exact zeros
-    (e.g. a class token initialised to zero, whose LayerNorm output is zero) or an unsupported layout."""
-    encoder_input = trace.block_in[trace.blocks[0]]
-    deviation = float(((encoder_input - trace.start).abs() / trace.start).max())
-    if deviation > tolerance:
-        logger.warning(f"Relevance at the encoder input differs from the start relevance by up to {deviation:.1%} "
-                       "(Chefer rules conserve it): some relevance met all-zero inputs, e.g. zero-initialised tokens.")
+def _check_conservation(trace: RelevanceTrace, tolerance: float = 0.01) -> None:
+    """The Chefer rules are conservative down to the encoder input: say where relevance got lost if it did.
+
+    One loss is inherent and harmless: tokens that enter the encoder as all-zero vectors (a DeiT built from a config
+    has its class and distillation tokens and position embeddings at zero; trained ones are not) get no relevance,
+    since LRP shares relevance in proportion to the inputs, so what reaches them inside the first block is lost. That
+    case is only logged at INFO level; any other loss (an unsupported layout, a rule that met exact zeros elsewhere)
+    is a warning naming where it happened.
+    """
+    start, first, last = trace.start, trace.blocks[0], trace.blocks[-1]
+    lost = (trace.block_in[first] - start).abs() / start
+    total = float(lost.max())
+    if total <= tolerance:
+        return
+    # Units are consecutive in forward order, so the loss splits into the stretch from the heads to the last unit's
+    # output and what each unit's input lacks compared with its output.
+    differences = {f"between the classification head(s) and the output of `{last}`": trace.block_out[last] - start}
+    differences.update({f"inside `{unit}`": trace.block_in[unit] - trace.block_out[unit] for unit in trace.blocks})
+    where = [place for place, d in differences.items() if float((d.abs() / start).max()) > tolerance]
+    zero_tokens = trace.zero_tokens
+    if where == [f"inside `{first}`"] and zero_tokens is not None and bool((zero_tokens[lost > tolerance] > 0).all()):
+        count = int(zero_tokens.max())
+        logger.info(
+            f"Relevance at the encoder input is up to {total:.1%} below the start relevance because {count} "
+            f"token(s) enter `{first}` as all-zero vectors, and LRP gives a zero input no relevance. This is what an "
+            "untrained model looks like (transformers initialises DeiT's class and distillation tokens and position "
+            "embeddings to zero when a model is built from a config); with trained weights (from_pretrained) "
+            "relevance is conserved. Nothing to do."
+        )
+        return
+    logger.warning(
+        f"Relevance at the encoder input differs from the start relevance by up to {total:.1%}, although the Chefer "
+        f"rules conserve it: it is lost {' and '.join(where) or 'across several blocks'}. Relevance-based layer "
+        "scores (and the mixed-precision bits chosen from them) may be skewed for this model. If it has trained "
+        "weights, please report this with the model class; meanwhile relevance_rule='epsilon' or "
+        "mixed_precision=False do not depend on conservation."
+    )
 
 
 def _collect(model: nn.Module, layout: ModelLayout, session: _Session, starts: list[Tensor]) -> RelevanceTrace:
@@ -427,4 +465,5 @@ def _collect(model: nn.Module, layout: ModelLayout, session: _Session, starts: l
         block_in=gather("block_in", layout.conservation_units),
         block_out=gather("block_out", layout.conservation_units),
         start=start,
+        zero_tokens=next(iter(gather("zero_tokens", layout.conservation_units[:1]).values()), None),
     )

@@ -268,12 +268,53 @@ def test_dinov2_relevance_reaches_the_encoder_through_both_halves_of_the_head_in
     tensor_close(trace.block_in[trace.blocks[0]], trace.start, tol=1e-4)
 
 
-def test_lost_relevance_is_reported(caplog):
-    # HF initialises DeiT's class and distillation tokens to zero: their LayerNorm output is zero, where
-    # alpha1-beta0 has nothing to distribute relevance over.
+def _records(caplog, level: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == level and r.name.startswith("optimum_lrpq")]
+
+
+def test_untrained_deit_with_teacher_loses_only_the_zero_tokens_share_and_says_so_quietly(caplog):
+    # Built from a config, DeiT's class and distillation tokens and position embeddings are zero (transformers'
+    # init): both tokens enter the encoder as zero vectors, and LRP gives a zero input no relevance.
+    model = build("deit_teacher")
+    with caplog.at_level("INFO"):
+        trace = relevance_trace(model, [pixels(4)])
+    assert _records(caplog, "WARNING") == []  # nothing a user could act on
+    [info] = _records(caplog, "INFO")
+    assert "2 token(s) enter `deit.layers.0` as all-zero vectors" in info and "from_pretrained" in info
+    # The rule's sums: both heads start with 1/2, all of it reaches the encoder output, every block but the first
+    # conserves it, and only the first loses some (what reached the two zero tokens).
+    tensor_close(trace.start, torch.ones(4, dtype=torch.float64))
+    tensor_close(trace.block_out[trace.blocks[-1]], trace.start, tol=1e-4)
+    for block in trace.blocks[1:]:
+        tensor_close(trace.block_in[block], trace.block_out[block], tol=1e-4)
+    first = trace.blocks[0]
+    assert trace.zero_tokens.tolist() == [2.0] * 4
+    assert bool((trace.block_in[first] < 0.99 * trace.start).all())
+    # Give the same model non-zero tokens (as training would): the loss is gone, and so is the message.
+    caplog.clear()
+    with torch.no_grad():
+        model.deit.embeddings.cls_token.normal_(0, 0.5)
+        model.deit.embeddings.distillation_token.normal_(0, 0.5)
+    with caplog.at_level("INFO"):
+        trace = relevance_trace(model, [pixels(4)])
+    assert trace.zero_tokens.tolist() == [0.0] * 4
+    tensor_close(trace.block_in[first], trace.start, tol=1e-4)
+    assert _records(caplog, "INFO") == [] and _records(caplog, "WARNING") == []
+
+
+def test_relevance_lost_elsewhere_is_a_warning_naming_where(caplog):
+    # Block 1's attention branch sees a zero input (LayerNorm scaled to 0) but still adds o_proj's bias, so the
+    # residual rule sends relevance into a branch with nothing to give it to.
+    model = realistic("vit")
+    with torch.no_grad():
+        model.vit.layers[1].layernorm_before.weight.zero_()
+        model.vit.layers[1].layernorm_before.bias.zero_()
+        model.vit.layers[1].attention.o_proj.bias.fill_(1.0)
     with caplog.at_level("WARNING"):
-        compute_relevance(build("deit"), [pixels(2)])
-    assert "differs from the start relevance" in caplog.text
+        compute_relevance(model, [pixels(2)])
+    [warning] = _records(caplog, "WARNING")
+    assert "differs from the start relevance" in warning and "it is lost inside `vit.layers.1`." in warning
+    assert "relevance_rule='epsilon'" in warning
 
 
 def test_label_target_and_predicted_target_agree_when_labels_are_predictions():
