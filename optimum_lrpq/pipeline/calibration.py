@@ -212,7 +212,13 @@ def set_layernorm_grids(model: nn.Module, layout: ModelLayout, config: LRPQConfi
 MIN_ROWS_PER_CHANNEL = 1024
 
 
-def finalize_activation_grids(model: nn.Module) -> None:
+def finalize_activation_grids(model: nn.Module, num_images: int | None = None) -> None:
+    """Fix every activation quantizer's grid from its observer (and drop the observer).
+
+    A per-channel quantizer that saw fewer than `MIN_ROWS_PER_CHANNEL` tokens gets one range shared by its channels,
+    with a warning; given `num_images` (how many calibration images the observers saw), the warning says how many
+    images would have been enough.
+    """
     too_few_rows = []
     for module in model.modules():
         if isinstance(module, ActivationQuantizer) and module.observer is not None:
@@ -222,12 +228,28 @@ def finalize_activation_grids(model: nn.Module) -> None:
             module.set_grid_from(observer, min_rows=MIN_ROWS_PER_CHANNEL)
             module.observer = None
     if too_few_rows:
-        logger.warning(
-            f"{len(too_few_rows)} per-channel input quantizer(s) (first: {too_few_rows[0].name}) saw only "
-            f"{min(o.rows for o in too_few_rows)} tokens during calibration, too few for a range per channel (needs "
-            f"{MIN_ROWS_PER_CHANNEL}), so their channels share one range. Calibrate on more images, or set "
-            "linear_input_granularity='per_tensor'."
-        )
+        logger.warning(_too_few_rows_message(too_few_rows, num_images))
+
+
+def images_for_channel_ranges(rows: int, num_images: int) -> int:
+    """How many calibration images give `MIN_ROWS_PER_CHANNEL` tokens at `rows / num_images` tokens per image."""
+    return -(-MIN_ROWS_PER_CHANNEL * num_images // rows)  # ceil(MIN_ROWS_PER_CHANNEL / tokens per image)
+
+
+def _too_few_rows_message(observers: list[ActivationObserver], num_images: int | None) -> str:
+    fewest = min(observers, key=lambda o: o.rows)
+    others = f" and {len(observers) - 1} other(s)" if len(observers) > 1 else ""
+    message = (f"Per-channel input quantizer {fewest.name}{others} saw only {fewest.rows} tokens during calibration, "
+               f"too few for a range per channel (needs {MIN_ROWS_PER_CHANNEL}), so their channels share one range. ")
+    if not num_images or not fewest.rows:
+        return message + "Calibrate on more images, or set linear_input_granularity='per_tensor'."
+    per_image = fewest.rows / num_images
+    needed = images_for_channel_ranges(fewest.rows, num_images)
+    return message + (
+        f"At {per_image:g} tokens per image that takes {needed} calibration images instead of {num_images}: pass at "
+        f"least {needed} images with num_calibration_samples={needed} (`--num-samples {needed}` on the command "
+        "line), or set linear_input_granularity='per_tensor'."
+    )
 
 
 def freeze_weights(model: nn.Module, range_method: str,
@@ -278,7 +300,7 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
         folds = set_layernorm_grids(model, layout, config)
 
         # Before the weights: a layer that folds its input steps into its weight columns needs them calibrated.
-        finalize_activation_grids(model)
+        finalize_activation_grids(model, num_images=sum(int(b.shape[0]) for b in batches))
 
         def hessian_of(name: str) -> torch.Tensor | None:
             record = moments.get(name)

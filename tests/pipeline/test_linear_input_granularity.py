@@ -81,6 +81,19 @@ def test_too_few_tokens_fall_back_to_one_shared_range(caplog):
     scale = input_scales(model)["vit.layers.0.mlp.fc2"]
     assert scale.shape == (64,) and scale.unique().numel() == 1
     assert "too few for a range per channel" in caplog.text and "linear_input_granularity='per_tensor'" in caplog.text
+    # How many images would do: 4 images of 17 tokens give 68 rows; 1024 rows take ceil(1024 / 17) = 61 images.
+    assert "saw only 68 tokens" in caplog.text
+    assert "At 17 tokens per image that takes 61 calibration images instead of 4" in caplog.text
+    assert "num_calibration_samples=61 (`--num-samples 61` on the command line)" in caplog.text
+
+
+@pytest.mark.parametrize("images, warned", [(ENOUGH_IMAGES - 1, True), (ENOUGH_IMAGES, False)])
+def test_the_suggested_number_of_images_is_exactly_enough(caplog, images, warned):
+    with caplog.at_level(logging.WARNING, logger="optimum_lrpq"):
+        model = quantize(pixels(images))
+    assert (f"takes {ENOUGH_IMAGES} calibration images instead of {images}" in caplog.text) == warned
+    assert ("too few for a range per channel" in caplog.text) == warned
+    assert (input_scales(model)["vit.layers.0.mlp.fc2"].unique().numel() == 1) == warned
 
 
 def test_per_tensor_option_keeps_one_step_per_layer():
