@@ -103,7 +103,7 @@ def load_model(name: str | None):
 
 def model_error(name: str, err: BaseException) -> str:
     """The one-line explanation of why the model `name` could not be loaded."""
-    detail = one_line(err).split(". ")[0]
+    detail = one_line(err).rstrip(".") if os.path.isdir(name) else one_line(err).split(". ")[0]  # dir: all of it
     if os.path.isdir(name):
         return f"Could not load the model in directory {name}: {detail}."
     if name.startswith((".", "/", "~")) or os.path.exists(name):

@@ -122,6 +122,31 @@ def test_inspect_prints_bits_and_relevance_and_writes_the_plot(quantized, tmp_pa
     assert "average bits" in out and plot.stat().st_size > 10_000
 
 
+def test_hand_edited_checkpoint_error_is_printed_whole(quantized, tmp_path, capsys):
+    """The loader's error reaches the user complete: the tensor by both names, and the last sentence (the fix)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    edited = tmp_path / "edited"
+    shutil.copytree(quantized, edited)
+    tensors = load_file(edited / "model.safetensors")
+    stored = "vit.encoder.layer.0.intermediate.dense.weight_zero_point"
+    tensors[stored] = tensors[stored].clone()
+    tensors[stored].view(-1)[0] = 3.5  # integer kernels need whole zero points
+    save_file(tensors, edited / "model.safetensors", metadata={"format": "pt"})
+    # The error names the layer as config.json does (mixed precision: its bits give the zero-point range).
+    bits = json.loads((edited / "config.json").read_text())["quantization_config"]["layer_bits"]
+    qmax = 2 ** bits["vit.layers.0.mlp.fc1"]["weight"] - 1
+    line = run_error(capsys, ["inspect", str(edited)])
+    assert line == (
+        f"optimum-lrpq: error: Could not load the model in directory {edited}: This lrpq checkpoint holds grids no "
+        f"quantized layer can use: `vit.layers.0.mlp.fc1.weight_zero_point` (stored as `{stored}`) has 1 zero point(s) "
+        f"not whole numbers in [0, {qmax}] (e.g. 3.5). It is corrupt or was edited by hand; re-export it with "
+        "optimum-lrpq (quantize the float model again)."
+    )
+
+
 def test_no_command_runs_the_demo(tmp_path, capsys):
     out_dir = tmp_path / "demo-out"
     capsys.readouterr()
