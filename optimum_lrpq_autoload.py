@@ -7,38 +7,54 @@ site-packages; its single line ``import optimum_lrpq_autoload`` runs this module
 under ``python -S``).
 
 Cost at startup: nothing is imported beyond ``sys``/``os`` (already loaded by ``site``); a small finder is put at the
-front of ``sys.meta_path``. It ignores every module outside the ``transformers`` package. For ``transformers.*``
-modules it returns the normal spec with its loader wrapped, so it sees when each of them has finished executing.
+front of ``sys.meta_path``. It ignores every module outside the ``transformers`` and ``optimum_lrpq`` packages. For
+their modules it returns the normal spec with its loader wrapped, so it sees when each of them has finished
+executing.
 
-Trigger: ``transformers.modeling_utils`` (every ``from_pretrained`` goes through it) or
+Trigger: ``transformers.modeling_utils`` (every ``from_pretrained`` goes through it),
 ``transformers.models.auto.modeling_auto`` (``from transformers import AutoModelFor...``, which in transformers 5.x
-does not import ``modeling_utils`` yet) has executed. The plugin is then imported — registering the ``lrpq`` config,
-quantizer and attention function — as soon as no ``transformers`` module is still half executed. Waiting for that
-matters: ``from transformers import ViTModel`` imports ``modeling_utils`` from inside ``modeling_vit``; importing the
-plugin at that moment would break any ``from transformers import ViT...`` in the plugin (partially initialised
-module). The same reason rules out hooking ``transformers.quantizers.auto`` directly. After firing, the finder
+does not import ``modeling_utils`` yet) or ``transformers.quantizers.auto`` (the registries themselves) has executed.
+The plugin is then imported — registering the ``lrpq`` config, quantizer and attention function — as soon as no
+``transformers`` (or ``optimum_lrpq``) module is still half executed. Waiting for that matters: ``from transformers
+import ViTModel`` imports ``modeling_utils`` from inside ``modeling_vit``; importing the plugin at that moment would
+break any ``from transformers import ViT...`` in the plugin (partially initialised module). After firing, the finder
 removes itself, so later imports are untouched. torch is therefore imported only by processes that import
-transformers' modeling code anyway.
+transformers' modeling code (or its quantizer registry) anyway.
 
-Set ``OPTIMUM_LRPQ_NO_AUTOLOAD=1`` to disable the hook. A failure while importing the plugin never breaks the
-transformers import that triggered it; it is reported as a ``RuntimeWarning``.
+Registration: ``import optimum_lrpq`` itself is light (no torch, no transformers, so that the command line starts at
+once); when the hook fires, it imports the plugin if needed and calls ``optimum_lrpq.register()``. The plugin's
+import calls ``arm()``: registration right away if transformers' modeling code is already loaded, else this finder
+(installed now if it is not there, whatever the switch below says, since the plugin itself asks for it). The finder
+also counts the plugin's own modules while they execute, so that registration never runs while one of them is
+half executed (``from optimum_lrpq import LRPQuantizer`` imports transformers' modeling code on its way).
+
+Set ``OPTIMUM_LRPQ_NO_AUTOLOAD=1`` to disable the hook at interpreter start (an explicit ``import optimum_lrpq``
+still registers). A failure while importing or registering the plugin never breaks the transformers import that
+triggered it; it is reported as a ``RuntimeWarning``.
 """
 
 import os
 import sys
 
 _PACKAGE = "transformers"
-_TRIGGERS = frozenset({"transformers.modeling_utils", "transformers.models.auto.modeling_auto"})
 _PLUGIN = "optimum_lrpq"
+# Modules whose execution the finder counts: transformers', and the plugin's own.
+_WATCHED = (_PACKAGE, _PLUGIN)
+_TRIGGERS = frozenset({"transformers.modeling_utils", "transformers.models.auto.modeling_auto",
+                       "transformers.quantizers.auto"})
 _DISABLE_ENV = "OPTIMUM_LRPQ_NO_AUTOLOAD"
 
 
 def _import_plugin():
-    """Import the plugin for its registration side effects; warn instead of raising."""
-    if _PLUGIN in sys.modules:  # already imported, or being imported (then it is what imported transformers)
-        return
+    """Import the plugin if needed and call its ``register()``; warn instead of raising."""
     try:
-        __import__(_PLUGIN)
+        plugin = sys.modules.get(_PLUGIN)
+        if plugin is None:
+            __import__(_PLUGIN)
+            plugin = sys.modules[_PLUGIN]
+        register = getattr(plugin, "register", None)
+        if callable(register):
+            register()
     except Exception as exc:  # noqa: BLE001 - must never break the user's `import transformers...`
         import warnings
 
@@ -90,11 +106,11 @@ class _AutoloadFinder:
     _optimum_lrpq_autoload = True  # marker, so that a second installation recognises an existing finder
 
     def __init__(self):
-        self._executing = 0  # transformers modules currently executing (nested imports, or other threads)
+        self._executing = 0  # watched modules currently executing (nested imports, or other threads)
         self._triggered = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _PACKAGE and not fullname.startswith(_PACKAGE + "."):
+        if not any(fullname == package or fullname.startswith(package + ".") for package in _WATCHED):
             return None
         spec = None
         for finder in list(sys.meta_path):  # the finders behind this one, as the import system would ask them
@@ -123,8 +139,14 @@ class _AutoloadFinder:
             pass
 
 
-def _install():
-    if os.environ.get(_DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+def arm():
+    """Make sure the plugin registers with transformers: now if transformers' modeling code is loaded, else as soon
+    as it is. Called by the plugin's own import, so the ``OPTIMUM_LRPQ_NO_AUTOLOAD`` switch does not apply."""
+    _install(respect_switch=False)
+
+
+def _install(respect_switch=True):
+    if respect_switch and os.environ.get(_DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
         return
     if any(name in sys.modules for name in _TRIGGERS):
         # transformers' modeling code is already loaded (this module was imported late): register right away.
