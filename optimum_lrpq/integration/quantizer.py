@@ -57,9 +57,10 @@ class LRPQuantizer:
         Args:
             model: a supported float model (see `optimum_lrpq.supported_models()`).
             calibration_data: pixel values (tensor [N, C, H, W]), a `datasets` dataset (with `pixel_values`, or
-                images plus `image_processor`), or an iterable of batches. The first `num_calibration_samples`
-                images are used.
-            image_processor: turns raw images into pixel values when the dataset holds images.
+                images plus `image_processor`), a list of PIL images (with `image_processor`), or an iterable of
+                batches. The first `num_calibration_samples` images are used.
+            image_processor: turns raw images into pixel values when the data holds images (default: the model's
+                own, found by `AutoImageProcessor` from its name or path).
             image_column: the dataset's image column, if it cannot be found automatically.
             show_progress: show tqdm progress bars.
         """

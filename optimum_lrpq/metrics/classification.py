@@ -9,25 +9,8 @@ from typing import Any
 import torch
 
 from ..data.images import to_rgb
+from ..data.labels import label_mapping
 from ..data.loading import resolve_columns
-
-
-def label_mapping(dataset, label_column: str, model_config) -> dict[int, int] | None:
-    """Dataset label id -> model label id when both name their classes and the orders differ, else None (same ids).
-
-    E.g. an image folder whose classes are sorted alphabetically, evaluated with a model whose `id2label` lists the
-    same class names in another order.
-    """
-    feature = (getattr(dataset, "features", None) or {}).get(label_column)
-    names = getattr(feature, "names", None)
-    label2id = {str(k).strip().lower(): int(v) for k, v in (getattr(model_config, "label2id", None) or {}).items()}
-    if not names or not label2id:
-        return None
-    keys = [str(n).strip().lower() for n in names]
-    if not all(k in label2id for k in keys):
-        return None
-    mapping = {i: label2id[k] for i, k in enumerate(keys)}
-    return None if all(i == j for i, j in mapping.items()) else mapping
 
 
 def _batches(dataset, batch_size: int, limit: int | None) -> Iterator[list[dict[str, Any]]]:
@@ -69,8 +52,16 @@ def evaluate_classifier(
     Images are converted to the mode the model wants (greyscale / RGBA -> RGB) and preprocessed by
     `image_processor` (or taken from a `pixel_values` column). Throughput counts the model's forward passes only.
 
+    When the label column names its classes (`ClassLabel`) and the model names its labels (`id2label`), the names
+    decide which dataset id is which model id (see `optimum_lrpq.data.labels`); names that are not model labels
+    are refused before any image is evaluated.
+
     Returns:
         {"accuracy", "num_images", "seconds" (forward passes), "images_per_second", "predictions", "references"}.
+
+    Raises:
+        ValueError: raw images without `image_processor`, an empty dataset, or a missing column.
+        optimum_lrpq.data.labels.LabelMismatchError: (a ValueError) class names that are not the model's labels.
     """
     from tqdm.auto import tqdm
 
@@ -97,7 +88,7 @@ def evaluate_classifier(
                 pixels = image_processor(images=images, return_tensors="pt")["pixel_values"]
             labels = [int(e[label_column]) for e in batch]
             if mapping is not None:
-                labels = [mapping[label] for label in labels]
+                labels = [mapping.get(label, label) for label in labels]
             start = time.perf_counter()
             logits = model(pixel_values=pixels.to(device=param.device, dtype=param.dtype)).logits
             seconds += time.perf_counter() - start

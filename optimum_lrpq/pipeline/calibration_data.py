@@ -2,8 +2,11 @@
 
 Accepted: a `torch.Tensor` [N, C, H, W]; a `datasets.Dataset` / `IterableDataset` with a `pixel_values` column,
 or with an image column plus an image processor (given, or the model's own found by `AutoImageProcessor`);
-a `DataLoader` or any iterable of batches (tensors, or dicts with `pixel_values` and optional `labels`).
-Everything is validated before the model is touched.
+a list (or tuple) of PIL images, processed like a dataset's image column; a `DataLoader` or any iterable of batches
+(tensors, or dicts with `pixel_values` and optional `labels`). Everything is validated before the model is touched.
+
+When the labels are used (relevance started at the label), a dataset label column that names its classes is
+matched to the model's labels by name (`optimum_lrpq.data.labels`), and refused when the names differ.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ import torch
 from transformers.utils import logging
 
 from ..data.images import IMAGE_COLUMNS, LABEL_COLUMNS, to_rgb
+from ..data.labels import label_mapping
 
 logger = logging.get_logger(__name__)
-
 
 
 @dataclass
@@ -133,7 +136,7 @@ def _resolve_processor(model, image_processor):
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
         raise ValueError(
-            "The calibration dataset holds raw images, and the model has no name or path to find its image "
+            "The calibration data holds raw images, and the model has no name or path to find its image "
             "processor. Pass `image_processor=` (e.g. AutoImageProcessor.from_pretrained(...)) or a 'pixel_values' column."
         )
     from transformers import AutoImageProcessor
@@ -171,11 +174,37 @@ def _examples_to_batches(examples, model, image_processor, image_column, channel
     return stacked, label_tensor
 
 
-def _iterate_dataset(data, model, image_processor, image_column, num_samples, channels):
+def _iterate_dataset(data, model, image_processor, image_column, num_samples, channels, need_labels=False):
     columns = _dataset_columns(data)
     column = None if "pixel_values" in columns and image_column is None else _find_image_column(data, image_column)
+    # Checked before any image is read: labels the model cannot be told apart from wrong ones are refused.
+    label_column = next((c for c in LABEL_COLUMNS if c in columns), None)
+    mapping = label_mapping(data, label_column, model.config) if need_labels and label_column else None
     examples = list(itertools.islice(iter(data), num_samples))
-    return _examples_to_batches(examples, model, image_processor, column, channels)
+    pixels, labels = _examples_to_batches(examples, model, image_processor, column, channels)
+    if mapping is not None and labels is not None:
+        labels = torch.as_tensor([mapping.get(int(label), int(label)) for label in labels.tolist()])
+    return pixels, labels
+
+
+def _is_pil_image(value: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a dependency
+        return False
+    return isinstance(value, Image.Image)
+
+
+def _iterate_images(images, model, image_processor, num_samples, channels):
+    """A list of PIL images: the first `num_samples`, processed as a dataset's image column would be."""
+    chosen = list(images[:num_samples])
+    for index, image in enumerate(chosen):
+        if not _is_pil_image(image):
+            raise TypeError(
+                f"Calibration data given as a list of PIL images holds a {type(image).__name__} at index {index}; "
+                "pass only PIL images (or a tensor / dataset / DataLoader of pixel values)."
+            )
+    return _examples_to_batches([{"image": image} for image in chosen], model, image_processor, "image", channels)
 
 
 def _iterate_batches(data: Iterable, num_samples: int):
@@ -210,8 +239,22 @@ def prepare_calibration_data(
     image_processor=None,
     image_column: str | None = None,
     fixed_image_size: bool = True,
+    need_labels: bool = False,
 ) -> CalibrationSet:
-    """Validate `data` and cut its first `num_samples` images into micro-batches of `batch_size`."""
+    """Validate `data` and cut its first `num_samples` images into micro-batches of `batch_size`.
+
+    Args:
+        data: pixel values, a `datasets` dataset, a list of PIL images, or an iterable of batches (module docstring).
+        model: the float model; its config gives the expected channels and image size, and its labels.
+        num_samples: how many images to keep.
+        batch_size: micro-batch size.
+        image_processor: turns raw images (a dataset's image column, PIL images) into pixel values; default: the
+            model's own, found by `AutoImageProcessor`.
+        image_column: the dataset's image column, if it cannot be found automatically.
+        fixed_image_size: the model only takes its configured image size.
+        need_labels: the labels will be used (relevance at the label): a dataset's class names are matched to the
+            model's labels, and refused (`LabelMismatchError`, a ValueError) when they differ.
+    """
 
     def check(values, where="calibration data"):
         return check_pixel_values(values, model.config, where, fixed_size=fixed_image_size)
@@ -227,7 +270,10 @@ def prepare_calibration_data(
         pixels = check(data["pixel_values"])
         labels = next((torch.as_tensor(data[c]) for c in LABEL_COLUMNS if c in data), None)
     elif _is_hf_dataset(data):
-        pixels, labels = _iterate_dataset(data, model, image_processor, image_column, num_samples, channels)
+        pixels, labels = _iterate_dataset(data, model, image_processor, image_column, num_samples, channels,
+                                          need_labels)
+    elif isinstance(data, (list, tuple)) and data and _is_pil_image(data[0]):
+        pixels, labels = _iterate_images(data, model, image_processor, num_samples, channels)
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
         parts, part_labels = _iterate_batches(data, num_samples)
         parts = [check(p, f"calibration batch {i}") for i, p in enumerate(parts)]
@@ -239,7 +285,8 @@ def prepare_calibration_data(
     else:
         raise TypeError(
             f"Unsupported calibration data of type {type(data).__name__}. Pass a torch.Tensor [N, C, H, W], a "
-            "datasets.Dataset/IterableDataset, or an iterable (e.g. DataLoader) of tensors or dicts with 'pixel_values'."
+            "datasets.Dataset/IterableDataset, a list of PIL images, or an iterable (e.g. DataLoader) of tensors or "
+            "dicts with 'pixel_values'."
         )
     if pixels is None or pixels.shape[0] == 0:
         raise ValueError("The calibration data is empty: provide at least one image.")

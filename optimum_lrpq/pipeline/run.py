@@ -66,7 +66,7 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
     calibration = prepare_calibration_data(
         calibration_data, model, num_samples=config.num_calibration_samples,
         batch_size=config.calibration_batch_size, image_processor=image_processor, image_column=image_column,
-        fixed_image_size=adapter.fixed_image_size,
+        fixed_image_size=adapter.fixed_image_size, need_labels=_uses_labels(config),
     )
     onload(model)  # accelerate-offloaded weights (device_map with cpu/disk) must be in memory to be rewritten
     was_training = model.training
@@ -90,6 +90,11 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
     logger.info(f"Quantized {sum(1 for e in layer_bits.values() if 'weight' in e)} weight layers of "
                 f"{type(model).__name__} on {calibration.num_images} calibration images.")
     return result
+
+
+def _uses_labels(config: LRPQConfig) -> bool:
+    """Whether the run reads the calibration labels: LRP relevance started at the label."""
+    return config.mixed_precision and config.allocation in RELEVANCE_ALLOCATIONS and config.relevance_target == "label"
 
 
 def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet, show_progress: bool,

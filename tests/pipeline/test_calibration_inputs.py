@@ -86,3 +86,27 @@ def test_unknown_image_column_lists_columns():
 def test_one_image_is_enough():
     out = quantized_logits(pixels(1))
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_list_of_pil_images_is_calibrated_like_a_dataset_of_them(mode):
+    processor = ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    dataset = _image_dataset(mode)
+    images = list(dataset["image"])
+    assert all(isinstance(image, Image.Image) and image.mode == mode for image in images)
+    expected = quantized_logits(dataset, image_processor=processor)
+    assert torch.equal(quantized_logits(images, image_processor=processor), expected)
+    assert torch.equal(quantized_logits(tuple(images) + tuple(images), image_processor=processor), expected)
+
+
+def test_list_of_pil_images_without_processor_says_how_to_fix():
+    images = list(_image_dataset("RGB")["image"])
+    with pytest.raises(ValueError, match=r"calibration data holds raw images.*Pass `image_processor=`"):
+        quantized_logits(images)
+
+
+def test_list_mixing_pil_images_and_tensors_names_the_odd_one():
+    processor = ViTImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    images = [*_image_dataset("RGB")["image"][:3], pixels(1)[0]]
+    with pytest.raises(TypeError, match="holds a Tensor at index 3; pass only PIL images"):
+        quantized_logits(images, image_processor=processor)
