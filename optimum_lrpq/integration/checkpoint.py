@@ -12,7 +12,7 @@ Errors name each tensor both ways (`naming.TensorNames`): by the transformers 5.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -64,6 +64,31 @@ def _read_headers(checkpoint_files: Sequence[str]) -> dict[str, tuple[tuple[int,
     return found
 
 
+def validate_layer_names(model: nn.Module, known: Collection[str], layer_bits: Mapping[str, object]) -> None:
+    """Raise `CorruptCheckpointError` if `layer_bits` (config.json) names layers the model does not have.
+
+    config.json names layers by their transformers 5.x module paths; a name copied from the safetensors file (the
+    legacy on-disk name) is pointed at the name it should be.
+    """
+    unknown = sorted(set(layer_bits) - set(known))
+    if not unknown:
+        return
+    names = TensorNames(model)
+    described = []
+    for name in unknown[:5]:
+        loaded = names.loaded(name)
+        if loaded != name and loaded in known:
+            described.append(f"`{name}` (the name stored on disk for `{loaded}`, which config.json must use)")
+        else:
+            described.append(f"`{name}`")
+    more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    raise CorruptCheckpointError(
+        f"This lrpq checkpoint's quantization config names layers that {type(model).__name__} does not have: "
+        f"{', '.join(described)}{more}. The checkpoint does not match this model class, or its config.json was "
+        "edited; re-export it with optimum-lrpq."
+    )
+
+
 def validate_checkpoint(model: nn.Module, checkpoint_files: Sequence[str] | None) -> None:
     """Raise `CorruptCheckpointError` naming the first offending tensors if the files do not fit the skeleton."""
     if not checkpoint_files:
@@ -94,7 +119,7 @@ def validate_checkpoint(model: nn.Module, checkpoint_files: Sequence[str] | None
         )
 
 
-def _listing(stored: list[str], describe, limit: int = 5) -> str:
+def _listing(stored: list[str], describe: Callable[[str], str], limit: int = 5) -> str:
     """The first `limit` tensor names, each described both ways, and how many more there are."""
     shown = ", ".join(describe(name) for name in stored[:limit])
     return shown if len(stored) <= limit else f"{shown} and {len(stored) - limit} more"

@@ -20,8 +20,8 @@ from ..data.loading import load_calibration_dataset
 from ..models import get_adapter
 from ..nn import ATTENTION_KEY, set_kernel_backend
 from ..pipeline import quantize
-from ..pipeline.conversion import convert_model
-from .checkpoint import validate_checkpoint, validate_grids
+from ..pipeline.conversion import convert_model, known_module_names
+from .checkpoint import validate_checkpoint, validate_grids, validate_layer_names
 from .marking import finish_quantized, mark_quantized
 
 logger = logging.get_logger(__name__)
@@ -61,6 +61,7 @@ class LRPQHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return model  # float weights load as usual; quantization happens after loading
         layout = get_adapter(model).layout(model)
+        validate_layer_names(model, known_module_names(layout), self.quantization_config.layer_bits)
         convert_model(model, layout, self.quantization_config.layer_bits, self.quantization_config, skeleton=True)
         # transformers would only warn about missing/unexpected tensors; for quantized weights that is a wrong model.
         validate_checkpoint(model, kwargs.get("checkpoint_files"))

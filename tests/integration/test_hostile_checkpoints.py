@@ -130,3 +130,25 @@ def test_wrong_config_types(saved, tmp_path, field, value, message):
     (target / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         AutoModelForImageClassification.from_pretrained(target)
+
+
+@pytest.mark.parametrize(
+    "layer, message",
+    [
+        # A layer renamed to its on-disk (legacy) name, as read from the safetensors file: pointed at the right name.
+        ("vit.encoder.layer.0.intermediate.dense",
+         re.escape("names layers that ViTForImageClassification does not have: `vit.encoder.layer.0.intermediate.dense`"
+                   " (the name stored on disk for `vit.layers.0.mlp.fc1`, which config.json must use)")),
+        ("vit.layers.9.mlp.fc1", re.escape("does not have: `vit.layers.9.mlp.fc1`. The checkpoint does not match")),
+    ],
+    ids=["legacy-name", "no-such-layer"],
+)
+def test_config_naming_layers_the_model_does_not_have(saved, tmp_path, layer, message):
+    target = tmp_path / "cfg"
+    shutil.copytree(saved, target)
+    config = json.loads((target / "config.json").read_text())
+    layer_bits = config["quantization_config"]["layer_bits"]
+    layer_bits[layer] = layer_bits.pop("vit.layers.0.mlp.fc1")
+    (target / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForImageClassification.from_pretrained(target)
