@@ -9,6 +9,10 @@ model, method, budget, per-layer bits and relevance, loading code, and here the 
 `lrpq_bits.png`, uploaded in one commit. A plain `qmodel.push_to_hub(repo_id)` also uploads the lrpq card (without
 accuracy, plot or processor); this script shows how to publish everything together.
 
+The folder is written to --output (default: a temporary directory, removed after the upload). When the upload
+fails (offline, not logged in, ...), the script says why in one line (exit status 2) and keeps the folder, so it
+can be uploaded later with `hf upload REPO FOLDER` without quantizing again.
+
 Anyone can then load it with:
 
     import optimum_lrpq
@@ -20,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 import tempfile
 
 import datasets
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
-from optimum_lrpq.integration.hub import upload_model_folder
+from optimum_lrpq.integration.hub import upload_failure_message, upload_model_folder
 from optimum_lrpq.integration.model_card import PLOT_NAME, write_model_card
 from optimum_lrpq.reporting.plot import plot_bits_and_relevance
 
@@ -54,6 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mixed-precision", action="store_true")
     parser.add_argument("--repo-id", required=True, help="e.g. me/deit-small-lrpq-w4a4")
     parser.add_argument("--private", action="store_true")
+    parser.add_argument("--output", help="folder to write and upload (default: a temporary directory)")
     args = parser.parse_args(argv)
 
     processor = AutoImageProcessor.from_pretrained(args.model)
@@ -64,15 +71,21 @@ def main(argv=None) -> None:
     qmodel = LRPQuantizer(config).quantize_model(model, calibration, image_processor=processor,
                                                  image_column=args.image_column)
 
-    with tempfile.TemporaryDirectory() as folder:
-        qmodel.save_pretrained(folder)
-        processor.save_pretrained(folder)
-        qc = qmodel.config.quantization_config
-        plot_bits_and_relevance(qc.layer_bits, qc.relevance, os.path.join(folder, PLOT_NAME),
-                                order=[name for name, _ in qmodel.named_modules()])
-        write_model_card(qmodel, folder, base_model=args.model, repo_id=args.repo_id,
-                         calibration=f"{args.dataset} ({args.split})")
+    folder = args.output or tempfile.mkdtemp(prefix="lrpq-push-")
+    qmodel.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    qc = qmodel.config.quantization_config
+    plot_bits_and_relevance(qc.layer_bits, qc.relevance, os.path.join(folder, PLOT_NAME),
+                            order=[name for name, _ in qmodel.named_modules()])
+    write_model_card(qmodel, folder, base_model=args.model, repo_id=args.repo_id,
+                     calibration=f"{args.dataset} ({args.split})")
+    try:
         url = upload_model_folder(folder, args.repo_id, private=args.private or None)
+    except Exception as err:  # noqa: BLE001 - offline, not logged in, no write access, ...: one line, folder kept
+        print(f"push_to_hub.py: error: {upload_failure_message(folder, args.repo_id, err)}", file=sys.stderr)
+        sys.exit(2)
+    if not args.output:
+        shutil.rmtree(folder)
     print(f"pushed: {url}")
 
 

@@ -33,3 +33,30 @@ def upload_model_folder(directory: str | os.PathLike, repo_id: str, *, token: st
     Unlike transformers' `push_to_hub`, this keeps the card written by `write_model_card`. Returns the commit URL.
     """
     return upload_folder(directory, repo_id, token=token, private=private, commit_message=commit_message).commit_url
+
+
+# Exception classes (by name, anywhere in the MRO) of HTTP clients for "the Hub could not be reached".
+_NETWORK_ERRORS = frozenset({"ConnectError", "ConnectTimeout", "NetworkError", "TimeoutException", "TransportError",
+                             "ProxyError", "SSLError"})
+
+
+def upload_failure_message(folder: str | os.PathLike, repo_id: str, err: BaseException) -> str:
+    """One line for a failed upload of the saved folder `folder` (kept where it is) to `repo_id`: what failed, why,
+    and what to do (unset HF_HUB_OFFLINE, log in, or upload the folder later with `hf upload`)."""
+    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
+
+    folder = os.fspath(folder)
+    later = f"upload the folder later with `hf upload {repo_id} {folder}`"
+    reason = " ".join(str(err).split()).rstrip(".") or type(err).__name__
+    response = getattr(err, "response", None) if isinstance(err, HfHubHTTPError) else None
+    status = getattr(response, "status_code", None)
+    if isinstance(err, OfflineModeIsEnabled):
+        fix = f"HF_HUB_OFFLINE is set: unset it where the Hub is reachable, or {later}"
+    elif isinstance(err, LocalTokenNotFoundError) or status in (401, 403):
+        fix = f"Log in with `hf auth login` (or set HF_TOKEN to a token with write access to {repo_id}), then {later}"
+    elif isinstance(err, (ConnectionError, TimeoutError)) or any(
+            cls.__name__ in _NETWORK_ERRORS for cls in type(err).__mro__):
+        fix = f"The Hugging Face Hub is unreachable from here; {later}"
+    else:
+        fix = later[0].upper() + later[1:]
+    return f"Saved {folder}, but uploading it to {repo_id} failed: {reason}. {fix}."

@@ -96,3 +96,21 @@ def test_push_to_hub_uploads_model_card_and_plot(local, hub_server, tmp_path):
 
     model = AutoModelForImageClassification.from_pretrained(repo)  # what the Hub now serves
     assert model.is_quantized and model.config.quantization_config.mixed_precision
+
+
+def test_push_to_hub_offline_is_one_line_and_keeps_the_folder(local, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    folder = tmp_path / "kept"
+    with pytest.raises(SystemExit) as exit_info:
+        run_example("push_to_hub.py", ["--model", local["model"], "--dataset", local["data"], "--num-calibration", "4",
+                                       "--repo-id", "me/tiny-vit-lrpq", "--output", str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"push_to_hub.py: error: Saved {folder}, but uploading it to me/tiny-vit-lrpq failed: ")
+    assert line.endswith("HF_HUB_OFFLINE is set: unset it where the Hub is reachable, or upload the folder later with "
+                         f"`hf upload me/tiny-vit-lrpq {folder}`.")
+    assert {"model.safetensors", "README.md", "lrpq_bits.png", "preprocessor_config.json"} <= set(os.listdir(folder))
