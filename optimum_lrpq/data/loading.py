@@ -5,6 +5,8 @@ command line (`optimum-lrpq quantize/evaluate --dataset ...`).
 
 - a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` -> `datasets.load_from_disk`;
 - any other directory -> the `imagefolder` builder (`root/<split>/<class>/*.png`, or `root/<class>/*.png` = train);
+- a name that looks like a local path (`local_path_reason`) but is no directory: refused at once ("No such
+  directory"), instead of being looked up on the Hub (which retries for about half a minute before failing);
 - anything else is a Hub dataset name, read in streaming mode so that a few calibration images (or `--limit`
   evaluation images) never download a whole dataset such as ImageNet.
 """
@@ -25,8 +27,58 @@ def _is_saved_dataset(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in ("dataset_dict.json", "dataset_info.json", "state.json"))
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~", "\\")) or name.endswith(("/", "\\")) or name.count("/") > 1
+# Last path components that name a split of an image folder (`root/<split>/<class>/*.png`); a Hub id `owner/train`
+# is far less likely than a mistyped `data/train`.
+SPLIT_DIRECTORY_NAMES = ("train", "training", "val", "valid", "validation", "test", "testing", "eval", "calibration")
+
+
+def local_path_reason(name: str | os.PathLike, image_folder_splits: bool = True) -> str | None:
+    """Why `name` is a local path rather than a Hub id (`name` or `owner/name`), or None when it may be a Hub id.
+
+    A local path: it starts with `.`, `/`, `~` or a backslash, or with a drive letter (`C:`); it contains a
+    backslash, ends with `/`, or has more than one `/` (Hub ids have at most one); its first component is a
+    directory here (`data/nonexistent` with `./data` present); or, with `image_folder_splits`, its last component is
+    a split folder of an image folder (`mnist/train`, see `SPLIT_DIRECTORY_NAMES`). Whether the path exists is the
+    caller's business.
+    """
+    name = os.fspath(name)
+    if name.startswith((".", "/", "~", "\\")):
+        return f"it starts with {name[0]!r}"
+    if len(name) > 1 and name[1] == ":" and name[0].isalpha():
+        return "it starts with a drive letter"
+    if "\\" in name:
+        return "it contains a backslash"
+    if name.endswith("/"):
+        return "it ends with '/'"
+    parts = name.split("/")
+    if len(parts) > 2:
+        return "it has more than one '/'"
+    if len(parts) == 2:
+        if os.path.isdir(parts[0]):
+            return f"the directory {parts[0]!r} exists here"
+        if image_folder_splits and parts[1].lower() in SPLIT_DIRECTORY_NAMES:
+            return f"{parts[1]!r} is the name of an image folder's split directory"
+    return None
+
+
+def check_local_path(name: str | os.PathLike) -> None:
+    """Raise `DatasetLoadError` ("No such directory: ...") when the dataset `name` is no directory but looks like a
+    local path (`local_path_reason`), or is a file: a mistyped path fails at once instead of being looked up on
+    the Hub."""
+    path = os.path.expanduser(os.fspath(name))
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise DatasetLoadError(
+            f"The dataset {os.fspath(name)!r} is a file, not a directory: pass the directory holding the images (an "
+            "image folder root/<split>/<class>/*.png) or a directory written by `save_to_disk`."
+        )
+    reason = local_path_reason(name)
+    if reason is not None:
+        raise DatasetLoadError(
+            f"No such directory: {os.fspath(name)!r} ({os.path.abspath(path)}). The dataset was read as a local path "
+            f"because {reason}; check the path (a Hub dataset is named 'name' or 'owner/name')."
+        )
 
 
 def pick_split(splits: Sequence[str], split: str | None, prefer: Sequence[str], where: str) -> str:
@@ -65,8 +117,10 @@ def load_image_dataset(
         A `datasets.Dataset` for local data, a `datasets.IterableDataset` for a streamed Hub dataset.
 
     Raises:
-        DatasetLoadError: with a one-line explanation (missing split, missing directory, unreachable Hub, ...).
+        DatasetLoadError: with a one-line explanation (missing split, missing directory, unreachable Hub, ...). A
+            name that looks like a local path (`local_path_reason`) and is no directory fails at once.
     """
+    check_local_path(name_or_path)  # before importing datasets: a mistyped path fails at once
     import datasets
 
     name = os.path.expanduser(os.fspath(name_or_path))
@@ -82,8 +136,6 @@ def load_image_dataset(
         if num_samples is not None:
             loaded = loaded.select(range(min(num_samples, len(loaded))))
         return loaded
-    if _looks_like_path(name) or os.path.exists(name):
-        raise DatasetLoadError(f"The dataset directory {name!r} does not exist.")
     try:
         loaded = datasets.load_dataset(name, streaming=True)
         loaded = loaded[pick_split(list(loaded), split, prefer, repr(name))]
