@@ -1,5 +1,6 @@
 """What the commands share: the one-line `CLIError`, output directories, model / processor / dataset loaders, the
-quantize-and-save step, and plain-text formatting (tables, sizes, percentages, average bits).
+device and progress-bar options, the quantize-and-save step, and plain-text formatting (tables, sizes, percentages,
+average bits).
 
 torch, transformers and datasets are imported inside the functions, so that `--help` stays fast.
 """
@@ -24,6 +25,24 @@ class CLIError(Exception):
 
 def one_line(err: BaseException | str) -> str:
     return " ".join(str(err).split())
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="no progress bars (also when the environment variable TQDM_DISABLE is set to 1)")
+
+
+def add_device_argument(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help=f"device to {what} on: cpu, cuda, cuda:1, mps, ... (default: %(default)s)")
+
+
+def add_label_names_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ignore-label-names", action="store_true",
+        help="take the dataset's label ids as the model's ids even when its class names are not the model's labels "
+        "(e.g. ImageNet synset folders n01440764, ... in the standard order); by default the names must match",
+    )
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, split_help: str, label_help: str) -> None:
@@ -90,11 +109,28 @@ def demo_model_dir() -> str:
     return MODEL_DIR
 
 
+def check_model_path(name: str) -> None:
+    """Raise a `CLIError` at once when the model `name` looks like a local path (see
+    `optimum_lrpq.data.loading.local_path_reason`) but is no directory, instead of looking it up on the Hub."""
+    from ..data.loading import local_path_reason
+
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise CLIError(f"The model {name} is a file; pass the directory saved with save_pretrained() that holds it.")
+    reason = local_path_reason(name, image_folder_splits=False)
+    if reason is not None:
+        raise CLIError(f"No such directory: {name} ({os.path.abspath(path)}). The model was read as a local path "
+                       f"because {reason}; check the path (a Hub model is named 'name' or 'owner/name').")
+
+
 def load_model(name: str | None):
     """`AutoModelForImageClassification.from_pretrained(name)`, with load failures as one-line `CLIError`s."""
+    name = name or demo_model_dir()
+    check_model_path(name)
     from transformers import AutoModelForImageClassification
 
-    name = name or demo_model_dir()
     try:
         return AutoModelForImageClassification.from_pretrained(name)
     except Exception as err:
@@ -106,8 +142,10 @@ def model_error(name: str, err: BaseException) -> str:
     detail = one_line(err).rstrip(".") if os.path.isdir(name) else one_line(err).split(". ")[0]  # dir: all of it
     if os.path.isdir(name):
         return f"Could not load the model in directory {name}: {detail}."
-    if name.startswith((".", "/", "~")) or os.path.exists(name):
-        return f"The model directory {name} does not exist."
+    try:
+        check_model_path(name)
+    except CLIError as local:
+        return str(local)
     return (
         f"The model {name!r} is not a local directory and the Hugging Face Hub is unreachable from here or has no such "
         f"model ({detail}). Point MODEL at a local directory saved with save_pretrained() (download it where the Hub "
@@ -152,6 +190,22 @@ def load_dataset_split(name: str | None, split: str | None, prefer: tuple[str, .
         raise CLIError(err) from err
 
 
+def keep_label_ids(dataset, label_column: str):
+    """`dataset` with the class names of `label_column` dropped (plain integer ids): `--ignore-label-names`."""
+    import datasets
+
+    feature = (getattr(dataset, "features", None) or {}).get(label_column)
+    if not isinstance(feature, datasets.ClassLabel):
+        return dataset
+    return dataset.cast_column(label_column, datasets.Value("int64"))
+
+
+def label_names_error(err) -> CLIError:
+    """A `LabelMismatchError` in the command line's terms (the option that keeps the ids)."""
+    return CLIError(err.describe("or pass --ignore-label-names if the dataset's label ids already are the model's ids "
+                                 "(e.g. ImageNet synset folders in the standard order)"))
+
+
 def resolve_columns(dataset, image_column, label_column, need_label):
     from ..data.loading import DatasetLoadError
     from ..data.loading import resolve_columns as resolve
@@ -165,12 +219,97 @@ def resolve_columns(dataset, image_column, label_column, need_label):
 def quantize_model(model, config, dataset, processor, image_column, show_progress=True):
     """`LRPQuantizer(config).quantize_model(...)`, with invalid inputs as one-line `CLIError`s."""
     from .. import LRPQuantizer
+    from ..data.labels import LabelMismatchError
 
     try:
         return LRPQuantizer(config).quantize_model(model, dataset, image_processor=processor,
                                                    image_column=image_column, show_progress=show_progress)
+    except LabelMismatchError as err:
+        raise label_names_error(err) from err
     except (ValueError, TypeError, NotImplementedError) as err:
         raise CLIError(err) from err
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# devices and progress bars
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def available_devices() -> list[str]:
+    """The devices this torch can run on: cpu, then each visible accelerator (cuda:0, ..., mps, xpu:0, ...)."""
+    import torch
+
+    devices = ["cpu"]
+    for kind in ("cuda", "xpu"):
+        module = getattr(torch, kind, None)
+        if module is not None and module.is_available():
+            devices += [f"{kind}:{i}" for i in range(module.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(name: str):
+    """`torch.device(name)` after checking this torch can use it; a one-line `CLIError` naming the device and the
+    available ones otherwise (e.g. `--device cuda` with a CPU-only torch)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise CLIError(f"--device {name}: not a device name (e.g. cpu, cuda, cuda:1, mps); available devices: "
+                       f"{', '.join(available_devices())}.") from err
+    if device.type == "cpu":
+        return device
+    available = available_devices()
+    listed = ", ".join(available)
+    if device.type == "cuda" and torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        raise CLIError(f"--device {name}: this torch ({torch.__version__}) is built without CUDA; available devices: "
+                       f"{listed}. Use --device cpu, or install a CUDA build of torch.")
+    visible = [d for d in available if d.split(":")[0] == device.type]
+    if not visible:
+        raise CLIError(f"--device {name}: no {device.type} device is visible to this torch ({torch.__version__}); "
+                       f"available devices: {listed}.")
+    if device.index is not None and f"{device.type}:{device.index}" not in visible:
+        raise CLIError(f"--device {name}: there is no {device.type} device {device.index}; available devices: "
+                       f"{listed}.")
+    return device
+
+
+def progress_disabled(quiet: bool = False) -> bool:
+    """Progress bars off: `--quiet`, or the environment variable TQDM_DISABLE set (to anything but '', 0, false,
+    no or off)."""
+    return quiet or os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@contextlib.contextmanager
+def progress_bars_off(off: bool = True):
+    """While the block runs, no progress bars from datasets, huggingface_hub or transformers (downloads, dataset
+    preparation, weight loading); each library's setting is restored afterwards. Nothing is imported when `off` is
+    False."""
+    if not off:
+        yield
+        return
+    import datasets.utils.logging as datasets_logging
+    import huggingface_hub.utils as hub_utils
+    import transformers.utils.logging as transformers_logging
+
+    restore = []
+    if datasets_logging.is_progress_bar_enabled():
+        datasets_logging.disable_progress_bar()
+        restore.append(datasets_logging.enable_progress_bar)
+    if not hub_utils.are_progress_bars_disabled():
+        hub_utils.disable_progress_bars()
+        restore.append(hub_utils.enable_progress_bars)
+    if transformers_logging.is_progress_bar_enabled():
+        transformers_logging.disable_progress_bar()
+        restore.append(transformers_logging.enable_progress_bar)
+    try:
+        yield
+    finally:
+        for enable in restore:
+            enable()
 
 
 # ------------------------------------------------------------------------------------------------------------------

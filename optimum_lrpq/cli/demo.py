@@ -1,5 +1,5 @@
-"""`optimum-lrpq demo` (also `optimum-lrpq` without a command): quantize the shipped MNIST ViT at W4/A4 mixed
-precision, compare it with the float model on the shipped held-out digits, and write it. Offline, seconds."""
+"""`optimum-lrpq demo`: quantize the shipped MNIST ViT at W4/A4 mixed precision, compare it with the float model on
+the shipped held-out digits, and write it. Offline, seconds."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 from .common import (
     DEMO_BASE_MODEL,
     PROG,
+    add_quiet_argument,
     average_bits,
     check_output,
     format_percent,
@@ -16,6 +17,7 @@ from .common import (
     format_table,
     load_model,
     load_processor,
+    progress_disabled,
     quantize_model,
     staged_output,
     weights_size,
@@ -34,6 +36,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     d.add_argument("--output", "-o", default=DEFAULT_OUTPUT, metavar="DIR", help="default: ./%(default)s")
     d.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    add_quiet_argument(d)
     d.set_defaults(func=run)
     return d
 
@@ -60,17 +63,19 @@ def _run_demo(args) -> int:
     from ..demo import DATASET_NAME, MODEL_DIR, load_digits
     from ..metrics.classification import evaluate_classifier
 
+    show_progress = not progress_disabled(args.quiet)
     digits = load_digits()
     processor = load_processor(MODEL_DIR)
     float_model = load_model(MODEL_DIR)
     float_result = evaluate_classifier(float_model, digits["test"], image_processor=processor, batch_size=100,
-                                       desc="Evaluating float")
+                                       show_progress=show_progress, desc="Evaluating float")
     # All 64 shipped training digits: with 17 tokens per image, 32 would be too few tokens for per-channel ranges.
     config = LRPQConfig(weight_bits=4, activation_bits=4, mixed_precision=True,
                         num_calibration_samples=len(digits["train"]))
-    qmodel = quantize_model(load_model(MODEL_DIR), config, digits["train"], processor, "image")
+    qmodel = quantize_model(load_model(MODEL_DIR), config, digits["train"], processor, "image",
+                            show_progress=show_progress)
     q_result = evaluate_classifier(qmodel, digits["test"], image_processor=processor, batch_size=100,
-                                   desc="Evaluating quantized")
+                                   show_progress=show_progress, desc="Evaluating quantized")
     accuracy = {"quantized": q_result["accuracy"], "float": float_result["accuracy"], "dataset": DATASET_NAME,
                 "split": "test", "num_images": q_result["num_images"]}
     with staged_output(args.output, args.overwrite) as staging:

@@ -7,15 +7,22 @@ import argparse
 from .common import (
     CLIError,
     add_dataset_arguments,
+    add_device_argument,
+    add_label_names_argument,
+    add_quiet_argument,
     average_bits,
     demo_model_dir,
     format_percent,
     format_size,
     format_table,
+    keep_label_ids,
+    label_names_error,
     load_dataset_split,
     load_model,
     load_processor,
+    progress_disabled,
     resolve_columns,
+    resolve_device,
     weights_size,
 )
 
@@ -25,7 +32,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "evaluate", help="top-1 accuracy and throughput, optionally next to the float model",
         description="Evaluate an image classifier (quantized or not): top-1 accuracy and throughput (images/s of the "
         "model's forward passes). With --baseline, the float model is evaluated on the same images and shown side "
-        "by side.",
+        "by side. When the dataset names its classes (an image folder's class folders, a ClassLabel column) and the "
+        "model names its labels (id2label), the names decide which class is which; names that are not the model's "
+        "labels are refused (see --ignore-label-names).",
     )
     e.add_argument("model", nargs="?", metavar="MODEL_OR_DIR",
                    help="Hub model id or local directory (default: the demo MNIST ViT)")
@@ -34,18 +43,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=32, metavar="N", help="default: %(default)s")
     e.add_argument("--limit", type=int, metavar="N", help="evaluate the first N images only")
     e.add_argument("--baseline", metavar="MODEL", help="float model (Hub id or directory) to compare with")
-    e.add_argument("--device", default="cpu", help="device to run the models on, e.g. cuda (default: %(default)s)")
+    add_device_argument(e, "run the models")
+    add_label_names_argument(e)
+    add_quiet_argument(e)
     e.set_defaults(func=run)
     return e
 
 
 def _evaluate_row(label, model, dataset, processor, args, directory):
+    from ..data.labels import LabelMismatchError
     from ..metrics.classification import evaluate_classifier
 
     try:
         result = evaluate_classifier(model, dataset, image_processor=processor, image_column=args.image_column,
                                      label_column=args.label_column, batch_size=args.batch_size, limit=args.limit,
-                                     desc=f"Evaluating {label}")
+                                     show_progress=not progress_disabled(args.quiet), desc=f"Evaluating {label}")
+    except LabelMismatchError as err:
+        raise label_names_error(err) from err
     except ValueError as err:
         raise CLIError(err) from err
     w, a = average_bits(model)
@@ -56,12 +70,15 @@ def _evaluate_row(label, model, dataset, processor, args, directory):
 def run(args) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise CLIError("--batch-size and --limit must be at least 1.")
+    device = resolve_device(args.device)
     dataset, description = load_dataset_split(args.dataset, args.split, ("validation", "test"), args.limit)
-    image_column, _ = resolve_columns(dataset, args.image_column, args.label_column, need_label=True)
+    image_column, label_column = resolve_columns(dataset, args.image_column, args.label_column, need_label=True)
+    if args.ignore_label_names:
+        dataset = keep_label_ids(dataset, label_column)
     raw = image_column != "pixel_values"
-    model = load_model(args.model).to(args.device)
+    model = load_model(args.model).to(device)
     processor = load_processor(args.model, required=False) if raw else None
-    baseline = load_model(args.baseline).to(args.device) if args.baseline else None
+    baseline = load_model(args.baseline).to(device) if args.baseline else None
     if raw and processor is None and args.baseline:
         processor = load_processor(args.baseline, required=False)
     if raw and processor is None:

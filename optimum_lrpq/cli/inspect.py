@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import CLIError, format_table, load_model, model_error
+from .common import CLIError, add_quiet_argument, check_model_path, format_table, load_model, model_error
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -16,11 +16,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     i.add_argument("model", metavar="DIR", help="quantized model directory (or Hub id)")
     i.add_argument("--plot", metavar="PNG", help="where to write the plot (default: DIR/lrpq_bits.png)")
+    add_quiet_argument(i)
     i.set_defaults(func=run)
     return i
 
 
 def run(args) -> int:
+    check_model_path(args.model)
     from transformers import AutoConfig
 
     from ..configuration import lrpq_config_of

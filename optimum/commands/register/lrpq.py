@@ -21,7 +21,7 @@ LRP-QViT post-training quantization of vision transformers (optimum-lrpq); same 
   quantize   quantize a model and save it (model, image processor, model card, bits plot)
   evaluate   top-1 accuracy and throughput, optionally next to the float model (--baseline)
   inspect    print the per-layer bits and relevance of a quantized model and plot them
-  demo       quantize the shipped MNIST ViT at W4/A4 mixed precision and compare (offline; the default)
+  demo       quantize the shipped MNIST ViT at W4/A4 mixed precision and compare (offline, seconds)
 
 Run `optimum-cli lrpq <command> --help` for the options of a command."""
 
