@@ -7,10 +7,12 @@ oracle; `onednn` (x86 VNNI/AMX CPUs) and `intmm` (`torch._int_mm`, CUDA) are the
 
 from . import intmm, onednn, reference  # noqa: F401  (registers the reference, oneDNN and torch._int_mm backends)
 from .backend import (
+    ACTIVATIONS,
     ActivationGrid,
     ConvGeometry,
     KernelBackend,
     PackedWeight,
+    apply_activation,
     available_backends,
     check_backend_name,
     get_backend,
@@ -19,10 +21,12 @@ from .backend import (
 )
 
 __all__ = [
+    "ACTIVATIONS",
     "ActivationGrid",
     "ConvGeometry",
     "KernelBackend",
     "PackedWeight",
+    "apply_activation",
     "available_backends",
     "check_backend_name",
     "get_backend",

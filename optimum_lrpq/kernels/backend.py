@@ -52,6 +52,23 @@ class ActivationGrid:
     product_step: torch.Tensor | None = None
 
 
+# Activations a linear layer can apply to its own output (`KernelBackend.linear(..., activation=)`): an MLP's GELU
+# moved into the fc1 that feeds it, so no second tensor of fc1's output size is made and a backend can fuse it.
+ACTIVATIONS = ("gelu",)
+
+
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """`activation` of a linear layer's fresh output `y`: in place unless autograd needs `y` (GELU's backward reads
+    its input)."""
+    if activation is None:
+        return y
+    if activation != "gelu":
+        raise ValueError(f"Unknown activation {activation!r}; kernel backends apply {ACTIVATIONS}.")
+    if torch.is_grad_enabled() and y.requires_grad:
+        return torch.nn.functional.gelu(y)
+    return torch.ops.aten.gelu_(y)
+
+
 @dataclass(frozen=True)
 class ConvGeometry:
     stride: tuple[int, ...] | int
@@ -79,8 +96,9 @@ class KernelBackend(abc.ABC):
 
     @abc.abstractmethod
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
-               input_grid: ActivationGrid | None) -> torch.Tensor:
-        """`x` (float, [..., in]) quantized on `input_grid` (None: used as is) times the prepared weight, plus bias."""
+               input_grid: ActivationGrid | None, activation: str | None = None) -> torch.Tensor:
+        """`x` (float, [..., in]) quantized on `input_grid` (None: used as is) times the prepared weight, plus bias,
+        then `activation` (one of `ACTIVATIONS`, or None) applied to the result."""
 
     def release_codes(self, prepared: Any) -> bool:
         """Make `prepared` independent of the stored codes it was made from, so that the layer can drop its copy;

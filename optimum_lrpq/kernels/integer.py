@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..quantization import packing
-from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight
+from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight, apply_activation
 from .reference import ReferenceBackend
 
 REFERENCE = ReferenceBackend()
@@ -87,16 +87,17 @@ class IntegerBackend(KernelBackend):
 
     @abc.abstractmethod
     def integer_linear(self, x: torch.Tensor, x2: torch.Tensor, weight: Any, constants: Any,
-                       grid: ActivationGrid) -> torch.Tensor:
-        """The product of `x2` (`x` as [rows, in], float32) with the prepared weight: float32 [rows, out]."""
+                       grid: ActivationGrid, activation: str | None = None) -> torch.Tensor:
+        """The product of `x2` (`x` as [rows, in], float32) with the prepared weight, then `activation` (fused where
+        the GEMM can apply it, else `apply_activation`): float32 [rows, out]."""
 
     # torch.compile cannot trace opaque prepacked weights: the compiled graph breaks here and this runs eagerly.
     @torch.compiler.disable
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None,
-               input_grid: ActivationGrid | None) -> torch.Tensor:
+               input_grid: ActivationGrid | None, activation: str | None = None) -> torch.Tensor:
         if isinstance(weight, torch.Tensor):  # the reference layout (a weight with no integer form)
             self.path_counts["reference"] += 1
-            return REFERENCE.linear(x, weight, bias, input_grid)
+            return REFERENCE.linear(x, weight, bias, input_grid, activation)
         grad = torch.is_grad_enabled()
         constants = None
         if (input_grid is not None and x.dtype == torch.float32 and x.device == weight.weight_scale.device
@@ -104,11 +105,13 @@ class IntegerBackend(KernelBackend):
             constants = self.constants(weight, input_grid, bias)
         if constants is None:
             self.path_counts["reference"] += 1
-            return REFERENCE.linear(x, weight.dense(x.dtype), bias, input_grid)
+            return REFERENCE.linear(x, weight.dense(x.dtype), bias, input_grid, activation)
         self.path_counts["integer"] += 1
-        y = self.integer_linear(x, x.reshape(-1, weight.in_features), weight, constants, input_grid)
-        if grad and bias is not None and bias.requires_grad:
-            y = y + (bias - bias.detach())  # exactly +0, but carries the bias' gradient
+        carries_gradient = grad and bias is not None and bias.requires_grad
+        y = self.integer_linear(x, x.reshape(-1, weight.in_features), weight, constants, input_grid,
+                                None if carries_gradient else activation)
+        if carries_gradient:
+            y = apply_activation(y + (bias - bias.detach()), activation)  # exactly +0, but carries the bias' gradient
         return y.reshape(*x.shape[:-1], weight.out_features)
 
     def release_codes(self, prepared: Any) -> bool:

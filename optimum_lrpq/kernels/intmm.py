@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .backend import ActivationGrid, PackedWeight, register_backend
+from .backend import ActivationGrid, PackedWeight, apply_activation, register_backend
 from .integer import IntegerBackend, cache_key, folded_bias, int8_rows, key_matches, packed_codes, step_blocks
 from .onednn import cpu_has_int8_dot
 from .reference import dequantize_weight
@@ -221,8 +221,8 @@ class IntMMBackend(IntegerBackend):
         return weight.blocks(grid, bias)
 
     def integer_linear(self, x: torch.Tensor, x2: torch.Tensor, weight: IntMMWeight, blocks: _Blocks,
-                       grid: ActivationGrid) -> torch.Tensor:
-        return _linear(x2, weight, blocks, grid)
+                       grid: ActivationGrid, activation: str | None = None) -> torch.Tensor:
+        return apply_activation(_linear(x2, weight, blocks, grid), activation)
 
 
 register_backend(IntMMBackend())

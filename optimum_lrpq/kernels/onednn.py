@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from ..quantization import packing
-from .backend import ActivationGrid, PackedWeight, register_backend
+from .backend import ActivationGrid, PackedWeight, apply_activation, register_backend
 from .integer import (
     IntegerBackend,
     cache_key,
@@ -461,22 +461,25 @@ class OneDNNBackend(IntegerBackend):
         return weight.terms(grid, bias)
 
     def integer_linear(self, x: torch.Tensor, x2: torch.Tensor, weight: OneDNNWeight, terms,
-                       grid: ActivationGrid) -> torch.Tensor:
+                       grid: ActivationGrid, activation: str | None = None) -> torch.Tensor:
         qmax = (1 << grid.bits) - 1
         if isinstance(terms, _GroupedTerms):
-            return _grouped_linear(x2, weight, terms, qmax)
+            return apply_activation(_grouped_linear(x2, weight, terms, qmax), activation)
         codes = _SHARED_CODES.get(x, grid, qmax) if grid.applied else None
         if codes is None:
             codes = _quantize(x2, grid.scale.reshape(-1)[:1], grid.zero_point.reshape(-1)[:1], qmax)
             if grid.applied:
                 _SHARED_CODES.put(x, grid, qmax, codes)
+        # GELU as oneDNN's post-op (erf form: the same values as torch's gelu) where nothing is added after the GEMM
+        fused = activation == "gelu" and terms.coef is None
         y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, weight.whole_pack(),
                                                weight.weight_scale, weight.weight_zero_points, terms.bias,
-                                               1.0, 0, torch.float32, "none", [], "")
+                                               1.0, 0, torch.float32, "gelu" if fused else "none", [],
+                                               "none" if fused else "")
         if terms.coef is not None:
             row_sums = codes.sum(dim=1, dtype=torch.int32) - weight.in_features * terms.zero_point
             y.addr_(row_sums.float(), terms.coef)
-        return y
+        return y if fused else apply_activation(y, activation)
 
 
 register_backend(OneDNNBackend())

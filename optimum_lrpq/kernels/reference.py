@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..quantization import packing, uniform
-from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight, register_backend
+from .backend import ActivationGrid, ConvGeometry, KernelBackend, PackedWeight, apply_activation, register_backend
 
 
 def dequantize_weight(weight: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
@@ -43,8 +43,8 @@ class ReferenceBackend(KernelBackend):
         return dequantize_weight(weight, dtype)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               input_grid: ActivationGrid | None) -> torch.Tensor:
-        return F.linear(quantize_input(x, input_grid), weight, bias)
+               input_grid: ActivationGrid | None, activation: str | None = None) -> torch.Tensor:
+        return apply_activation(F.linear(quantize_input(x, input_grid), weight, bias), activation)
 
     def conv2d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                input_grid: ActivationGrid | None, geometry: ConvGeometry) -> torch.Tensor:

@@ -38,6 +38,7 @@ class Block:
     o: str
     fc1: str
     fc2: str
+    mlp_activation: str = ""  # the activation module between fc1 and fc2 ("": none to move into fc1)
 
     @property
     def qkv(self) -> tuple[str, str, str]:
@@ -124,7 +125,8 @@ class LayoutBuilder:
                   mlp_end: str = "mlp", layer_scales: tuple[str, ...] = ()) -> None:
         p = prefix
         block = Block(attention=f"{p}.attention", q=f"{p}.attention.q_proj", k=f"{p}.attention.k_proj",
-                      v=f"{p}.attention.v_proj", o=f"{p}.attention.o_proj", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2")
+                      v=f"{p}.attention.v_proj", o=f"{p}.attention.o_proj", fc1=f"{p}.mlp.fc1", fc2=f"{p}.mlp.fc2",
+                      mlp_activation=f"{p}.mlp.activation_fn")
         self.groups += [LayerNormGroup(f"{p}.{norm1}", block.qkv), LayerNormGroup(f"{p}.{norm2}", (block.fc1,))]
         self.linears += [block.o, block.fc2]
         self.attentions.append(block.attention)

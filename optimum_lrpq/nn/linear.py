@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import ConvGeometry
+from ..kernels import ACTIVATIONS, ConvGeometry
 from .activation import UniformQuantizer
 from .registry import QuantSpec, register_qmodule
 from .weights import PackedWeightLayer
@@ -36,6 +36,15 @@ class QuantLinear(PackedWeightLayer):
         channels = in_features if input_per_channel else None
         self.input_quant = (UniformQuantizer(input_bits, channels=channels, device=device)
                             if input_bits is not None else None)
+        # applied to the output (`nn.fusion`): the MLP activation this layer feeds, moved in here; not saved, the
+        # conversion sets it again when a checkpoint is loaded
+        self.activation: str | None = None
+
+    def take_activation(self, activation: str) -> None:
+        """Apply `activation` (one of `kernels.ACTIVATIONS`) to this layer's output from now on."""
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"QuantLinear cannot apply activation {activation!r}; it applies {ACTIVATIONS}.")
+        self.activation = activation
 
     @classmethod
     def skeleton(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
@@ -62,12 +71,13 @@ class QuantLinear(PackedWeightLayer):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.compute(x, self.input_quant, "linear")
+        return self.compute(x, self.input_quant, "linear", self.activation)
 
     def extra_repr(self) -> str:
         folded = f", input_step_levels={self.input_step_levels}" if self.input_step_levels is not None else ""
+        activation = f", activation={self.activation}" if self.activation is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, weight_bits={self.weight_bits}"
-                f"{folded}")
+                f"{folded}{activation}")
 
 
 @register_qmodule(nn.Conv2d)

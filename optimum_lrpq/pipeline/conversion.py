@@ -14,6 +14,7 @@ from ..configuration import LRPQConfig
 from ..models import ModelLayout
 from ..nn import QuantSpec, add_attention_quantizers, quantize_module
 from ..nn.attention import QUANTIZER_NAMES as ATTENTION_QUANTIZER_NAMES
+from ..nn.fusion import ActivationInProducer, movable_activation
 from .placement import carry_hook
 
 
@@ -113,6 +114,12 @@ def convert_model(
                              input_step_levels=config.input_step_levels if per_channel and config.input_step_levels else None)
             replaced[name] = _swap(model, name, nn.Linear, spec, skeleton)
 
+    for block in layout.blocks:
+        if block.fc1 in replaced and block.mlp_activation:
+            original = _move_activation(model, block.mlp_activation, block.fc1, skeleton)
+            if original is not None:
+                replaced[block.mlp_activation] = original
+
     for name in layout.attentions:
         if name in layer_bits:
             attention = model.get_submodule(name)
@@ -138,6 +145,24 @@ def _device_of(module: nn.Module):
     for tensor in module.parameters():
         return tensor.device
     return None
+
+
+def _move_activation(model: nn.Module, name: str, producer: str, skeleton: bool) -> nn.Module | None:
+    """Move the activation module `name` into the quantized linear `producer` that feeds it (`nn.fusion`); return
+    the original module, or None where it is not one the linear can apply (it then stays)."""
+    try:
+        original = model.get_submodule(name)
+    except AttributeError:
+        return None
+    activation = movable_activation(original)
+    if activation is None:
+        return None
+    model.get_submodule(producer).take_activation(activation)
+    placeholder = ActivationInProducer(activation, producer)
+    if not skeleton:
+        carry_hook(original, placeholder)
+    model.set_submodule(name, placeholder)
+    return original
 
 
 def _swap(model: nn.Module, name: str, expected: type[nn.Module], spec: QuantSpec, skeleton: bool) -> nn.Module:

@@ -89,9 +89,9 @@ def test_a_backend_is_one_subclass_and_nn_does_not_change():
         name = "counting-test"
         calls = 0
 
-        def linear(self, x, weight, bias, input_grid: ActivationGrid | None):
+        def linear(self, x, weight, bias, input_grid: ActivationGrid | None, activation: str | None = None):
             Counting.calls += 1
-            return super().linear(x, weight, bias, input_grid)
+            return super().linear(x, weight, bias, input_grid, activation)
 
     assert isinstance(register_backend(Counting()), KernelBackend)
     model = LRPQuantizer(LRPQConfig(weight_bits=8, activation_bits=8, kernel_backend="reference")).quantize_model(

@@ -100,6 +100,8 @@ def test_failure_during_calibration_restores_the_model():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) or torch.isnan(before[k]).any() for k in before)
     assert model.config._attn_implementation == "sdpa"
+    # the MLP activations moved into fc1 are back in place too
+    assert all(type(layer.mlp.activation_fn).__name__ == "GELUActivation" for layer in model.vit.layers)
 
 
 def test_quantizing_twice_is_refused():

@@ -147,7 +147,7 @@ def test_search_scale_rejects_bad_input():
 @pytest.mark.parametrize("scale", [1.0, 0.37, 1e-3])
 def test_in_place_form_gives_the_same_values(bits, sqrt2, scale):
     generator = torch.Generator().manual_seed(bits)
-    x = torch.softmax(4 * torch.randn(3, 5, 40, generator=generator), dim=-1)
+    x = torch.softmax(4 * torch.randn(3, 5, 300, generator=generator), dim=-1)
     every_level = scale * torch.exp2(-torch.arange(zero_code(bits) + 2, dtype=torch.float32) / _steps(sqrt2))
     x[0, 0, : every_level.numel()] = every_level  # each level, the zero code's value and one below it
     x[1, 0, :6] = torch.tensor([0.0, -1e-3, math.nan, 2.0, 1e-30, math.inf])
