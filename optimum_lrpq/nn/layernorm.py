@@ -45,4 +45,8 @@ class QuantLayerNorm(nn.LayerNorm):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_quant(super().forward(x))
+        y = super().forward(x)
+        if (self.out_quant.observer is None and y.dtype == torch.float32
+                and not (torch.is_grad_enabled() and y.requires_grad)):
+            return self.out_quant.fake_quantize_(y)  # y is ours and nothing else reads it: no second tensor
+        return self.out_quant(y)
