@@ -18,7 +18,7 @@ from transformers.utils import logging
 from ..configuration import LRPQConfig
 from ..data.loading import load_calibration_dataset
 from ..models import get_adapter
-from ..nn import ATTENTION_KEY, set_kernel_backend
+from ..nn import ATTENTION_KEY, prepare_kernels, set_kernel_backend
 from ..pipeline import quantize
 from ..pipeline.conversion import convert_model, known_module_names
 from .checkpoint import validate_checkpoint, validate_grids, validate_layer_names
@@ -76,6 +76,9 @@ class LRPQHfQuantizer(HfQuantizer):
             model.set_attn_implementation(ATTENTION_KEY)
         backend = os.environ.get(KERNEL_BACKEND_VARIABLE) or self.quantization_config.kernel_backend
         set_kernel_backend(model, backend)
+        if not _offloaded(model):  # accelerate moves offloaded weights in and out at each forward: leave them be
+            _own_storage(model)  # first: the kernels' caches are keyed on the tensors they were built from
+            prepare_kernels(model)  # int8 layouts now: less resident memory, no preparation in the first forward
         finish_quantized(model)  # tags; save_pretrained / push_to_hub write the lrpq model card, atomically
         return model
 
@@ -95,3 +98,24 @@ class LRPQHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _offloaded(model) -> bool:
+    """Whether some weights of `model` live outside it (accelerate offloading to CPU or disk: meta tensors)."""
+    return any(t.is_meta for t in model.parameters()) or any(t.is_meta for t in model.buffers())
+
+
+def _own_storage(model) -> None:
+    """Copy the model's CPU tensors out of the checkpoint file.
+
+    transformers loads safetensors tensors as views of the memory-mapped file; the mapping stays (and its pages
+    count as resident memory of the process) while any tensor views it, even once the kernel layouts have replaced
+    the stored codes (`prepare_kernels`), which then frees the copies."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if param.device.type == "cpu":
+                    param.data = param.data.clone()
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer is not None and buffer.device.type == "cpu" and buffer.stride() != (0,) * buffer.dim():
+                    module._buffers[name] = buffer.clone()

@@ -19,6 +19,7 @@ from .backend import (
     register_backend,
     resolve_backend,
 )
+from .memory import return_freed_memory
 
 __all__ = [
     "ACTIVATIONS",
@@ -32,4 +33,5 @@ __all__ = [
     "get_backend",
     "register_backend",
     "resolve_backend",
+    "return_freed_memory",
 ]

@@ -85,6 +85,9 @@ class KernelBackend(abc.ABC):
     priority: ClassVar[int] = 0
     # What `is_available` asks of the device, for the message when a requested backend cannot run.
     requirements: ClassVar[str] = "nothing"
+    # Whether loading a model builds this backend's layouts right away (`nn.prepare_kernels`) instead of on the
+    # first forward: worth it where the layout replaces the stored codes (less memory, faster first forward).
+    prepare_at_load: ClassVar[bool] = False
 
     @abc.abstractmethod
     def is_available(self, device: torch.device) -> bool:
@@ -99,6 +102,10 @@ class KernelBackend(abc.ABC):
                input_grid: ActivationGrid | None, activation: str | None = None) -> torch.Tensor:
         """`x` (float, [..., in]) quantized on `input_grid` (None: used as is) times the prepared weight, plus bias,
         then `activation` (one of `ACTIVATIONS`, or None) applied to the result."""
+
+    def prepare_constants(self, prepared: Any, grid: ActivationGrid, bias: torch.Tensor | None) -> None:
+        """Compute, ahead of the first forward, what `linear` derives from the input grid and the bias (cached by the
+        backend; `prepare_at_load`). The default: nothing to compute."""
 
     def release_codes(self, prepared: Any) -> bool:
         """Make `prepared` independent of the stored codes it was made from, so that the layer can drop its copy;

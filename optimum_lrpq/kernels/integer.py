@@ -80,6 +80,7 @@ class IntegerBackend(KernelBackend):
 
     prepared_type: ClassVar[type]
     path_counts: ClassVar[collections.Counter]
+    prepare_at_load = True
 
     @abc.abstractmethod
     def constants(self, weight: Any, grid: ActivationGrid, bias: torch.Tensor | None) -> Any:
@@ -113,6 +114,10 @@ class IntegerBackend(KernelBackend):
         if carries_gradient:
             y = apply_activation(y + (bias - bias.detach()), activation)  # exactly +0, but carries the bias' gradient
         return y.reshape(*x.shape[:-1], weight.out_features)
+
+    def prepare_constants(self, prepared: Any, grid: ActivationGrid, bias: torch.Tensor | None) -> None:
+        if isinstance(prepared, self.prepared_type):
+            self.constants(prepared, grid, bias)
 
     def release_codes(self, prepared: Any) -> bool:
         """The int8 matrix gives the codes back exactly: a layer on the integer path then holds its weight once,

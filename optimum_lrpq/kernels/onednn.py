@@ -80,7 +80,8 @@ _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 def _ops_exist() -> bool:
     try:
         return (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_prepack")
-                and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available())
+                and hasattr(torch.ops.onednn, "qlinear_pointwise")
+                and hasattr(torch.ops.onednn.qlinear_pointwise, "binary") and torch.backends.mkldnn.is_available())
     except Exception:  # noqa: BLE001  (any failure to look the ops up means: not available)
         return False
 
@@ -219,8 +220,7 @@ class _GroupedTerms:
     zero_point: torch.Tensor  # float32 [K]
     bias: torch.Tensor  # float32 [N]
     coef: torch.Tensor | None  # float32 [N] (sw*e), None when every e is 0
-    step: torch.Tensor | None  # float32 [K] per-channel steps (rank-1 term only)
-    shift: float  # sum_c s_c z_c (rank-1 term only)
+    shift: float  # sum_c s_c zi_c (rank-1 term only)
     # int [K] when the one pack holds W * multiplier (product steps folded into the int8 columns), else None
     multiplier: torch.Tensor | None = None
 
@@ -335,15 +335,14 @@ class OneDNNWeight:
             packs = [torch.ops.onednn.qlinear_prepack(w[:, c].contiguous(), None) for c in blocks.channels]
             self.packed = None  # a layer keeps one grid: the per-group packs replace the whole-matrix one
         folded = folded_bias(b, sw, w, step, blocks.remainder)
-        coef, step_f, shift = None, None, 0.0
+        coef, shift = None, 0.0
         if self.offset is not None:
             product_step = step.double()
             folded = folded - sw * self.offset * float((product_step * blocks.remainder).sum())
             coef = (sw * self.offset).float()
-            step_f = step.float().contiguous()
             shift = float((product_step * (zero_point.double() - blocks.remainder)).sum())  # sum_c s_c zi_c
         return _GroupedTerms(order, bounds, packs, blocks.steps, blocks.zero_points, scale.float().contiguous(),
-                             zero_point.float().contiguous(), folded.float().contiguous(), coef, step_f, shift,
+                             zero_point.float().contiguous(), folded.float().contiguous(), coef, shift,
                              multiplier)
 
     def _step_multiplier(self, step: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
@@ -413,21 +412,46 @@ def _rebuild(source: PackedWeight) -> OneDNNWeight | torch.Tensor:
 
 def _grouped_linear(x2: torch.Tensor, weight: OneDNNWeight, terms: _GroupedTerms, qmax: int) -> torch.Tensor:
     """One oneDNN GEMM per group of channels sharing a step (see `OneDNNWeight._grouped_terms`)."""
-    codes = _quantize(x2, terms.scale, terms.zero_point, qmax)  # per-channel grid, the reference's codes
-    grouped = codes if terms.order is None else codes.index_select(1, terms.order)
+    if terms.order is None:
+        blocks = [_quantize(x2, terms.scale, terms.zero_point, qmax)]  # per-channel grid, the reference's codes
+    else:
+        blocks = _quantize_into_groups(x2, terms, qmax)
     y = None
-    for (start, end), pack, step, zi in zip(terms.bounds, terms.packs, terms.scales, terms.zero_points,
-                                            strict=True):
-        block = grouped if terms.order is None else grouped[:, start:end].contiguous()
-        part = torch.ops.onednn.qlinear_pointwise(block, step, zi, pack,
-                                                  weight.weight_scale, weight.weight_zero_points,
-                                                  terms.bias if y is None else None, 1.0, 0, torch.float32,
-                                                  "none", [], "")
-        y = part if y is None else y.add_(part)
-    if terms.coef is not None:  # sum_c s_c (q_c - zi_c), per row
-        weighted = codes.float() @ terms.step - terms.shift
-        y.addr_(weighted, terms.coef)
+    for block, pack, step, zi in zip(blocks, terms.packs, terms.scales, terms.zero_points, strict=True):
+        if y is None:
+            y = torch.ops.onednn.qlinear_pointwise(block, step, zi, pack, weight.weight_scale,
+                                                   weight.weight_zero_points, terms.bias, 1.0, 0, torch.float32,
+                                                   "none", [], "")
+        else:  # accumulated into y by oneDNN's "sum" post-op (the same values as y.add_(part), no part tensor)
+            torch.ops.onednn.qlinear_pointwise.binary(block, step, zi, pack, weight.weight_scale,
+                                                      weight.weight_zero_points, y, None, 1.0, 0, torch.float32,
+                                                      1.0, 0, "sum", 1.0, "none", [], "")
+    if terms.coef is not None:  # sum_c s_c (q_c - zi_c) per row; every channel of a group has the group's step
+        weighted = None
+        for block, step in zip(blocks, terms.scales, strict=True):
+            part = block.sum(dim=1, dtype=torch.int64).double().mul_(step)
+            weighted = part if weighted is None else weighted.add_(part)
+        y.addr_(weighted.sub_(terms.shift).float(), terms.coef)
     return y
+
+
+def _quantize_into_groups(x2: torch.Tensor, terms: _GroupedTerms, qmax: int) -> list[torch.Tensor]:
+    """The reference's uint8 codes of `x2` on the per-channel grid, as one contiguous [rows, K_g] matrix per group:
+    quantized and gathered a block of rows at a time, so the gather reads a block that is still in cache instead of
+    a whole [rows, K] matrix."""
+    rows, columns = x2.shape
+    channels = [terms.order[start:end] for start, end in terms.bounds]
+    groups = [torch.empty(rows, c.numel(), dtype=torch.uint8, device=x2.device) for c in channels]
+    block = max(1, min(rows, QUANTIZE_BLOCK_ELEMENTS // max(1, columns)))
+    buffer = torch.empty(block, columns, dtype=torch.float32, device=x2.device)
+    for start in range(0, rows, block):
+        end = min(rows, start + block)
+        t = buffer[: end - start]
+        torch.addcdiv(terms.zero_point, x2[start:end], terms.scale, out=t)
+        codes = t.round_().clamp_(0, qmax).to(torch.uint8)
+        for group, c in zip(groups, channels, strict=True):  # gather: several times faster than index_select on uint8
+            torch.gather(codes, 1, c.expand(end - start, -1), out=group[start:end])
+    return groups
 
 
 # ---------------------------------------------------------------------------------------------- backend

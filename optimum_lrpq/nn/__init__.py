@@ -13,7 +13,7 @@ from .registry import (
     register_qmodule,
     set_kernel_backend,
 )
-from .weights import PackedWeightLayer
+from .weights import PackedWeightLayer, prepare_kernels
 
 __all__ = [
     "ATTENTION_KEY",
@@ -29,6 +29,7 @@ __all__ = [
     "add_attention_quantizers",
     "is_quantized_module",
     "lrpq_attention_forward",
+    "prepare_kernels",
     "quantize_module",
     "quantized_class_for",
     "register_qmodule",

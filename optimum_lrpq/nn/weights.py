@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ..kernels import KernelBackend, PackedWeight, get_backend, resolve_backend
+from ..kernels import ActivationGrid, KernelBackend, PackedWeight, get_backend, resolve_backend, return_freed_memory
 from ..kernels.reference import dequantize_weight
 from ..quantization import packing, uniform
 from ..quantization.gptq import gptq_quantize
@@ -205,20 +205,27 @@ class PackedWeightLayer(nn.Module):
         Before `freeze()` (calibration) the float weight is used with the reference backend; an input quantizer
         that is observing (calibration) records `x` and leaves it float.
         """
-        grid = None
-        if input_quant is not None:
-            if input_quant.observer is not None:
-                x = input_quant(x)
-            else:  # the float weight (before `freeze()`) does not carry any step yet
-                grid = input_quant.grid(product_step=self.input_product_step() if self.is_frozen else None)
-        elif self.input_source is not None and self.input_source.observer is None:
-            grid = self.input_source.grid(applied=True)  # quantized by the producer: kernels may need its grid
+        if input_quant is not None and input_quant.observer is not None:
+            x = input_quant(x)
+        grid = self.input_grid(input_quant)
         if not self.is_frozen:
             backend, weight = get_backend("reference"), self._parameters["weight"].to(x.dtype)
         else:
             backend = self.backend()
             weight = self.prepared_weight(backend, x.dtype)
         return getattr(backend, op)(x, weight, self.bias, grid, *args)
+
+    def input_grid(self, input_quant: nn.Module | None) -> ActivationGrid | None:
+        """The grid the layer's input is on, as the kernels take it: `input_quant`'s (None while it observes), or
+        the producer's when the input was quantized upstream (`applied`), or None."""
+        if input_quant is not None:
+            if input_quant.observer is not None:
+                return None
+            # the float weight (before `freeze()`) does not carry any step yet
+            return input_quant.grid(product_step=self.input_product_step() if self.is_frozen else None)
+        if self.input_source is not None and self.input_source.observer is None:
+            return self.input_source.grid(applied=True)  # quantized by the producer: kernels may need its grid
+        return None
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the layer stands for (the float weight itself before `freeze()`)."""
@@ -250,3 +257,28 @@ class PackedWeightLayer(nn.Module):
             state["_buffers"] = {**state["_buffers"], "qweight": self.codes()}
         state.update(_codes_placeholder=None, _cache=None, _cache_key=None, _cache_backend=None)
         return state
+
+
+def prepare_kernels(model: nn.Module) -> int:
+    """Build, now, the kernel layouts of every frozen weight layer whose backend asks for it (`prepare_at_load`),
+    instead of on the first forward, then give the memory that preparation freed back to the system.
+
+    Called when a quantized model is loaded or made, so that its resident memory is the int8 layouts (the stored
+    codes are released to them) and not the temporaries of widening them. Layers on other backends, or not in
+    memory (meta / offloaded), are left to the first forward. Returns how many layers were prepared."""
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, PackedWeightLayer) or not module.is_frozen or module.qweight.is_meta:
+            continue
+        backend = module.backend()
+        if backend.prepare_at_load:
+            dtype = module.bias.dtype if module.bias is not None else torch.float32
+            with torch.inference_mode(False), torch.no_grad():
+                prepared = module.prepared_weight(backend, dtype)
+                grid = module.input_grid(getattr(module, "input_quant", None))
+                if grid is not None:
+                    backend.prepare_constants(prepared, grid, module.bias)
+            count += 1
+    if count:
+        return_freed_memory()
+    return count

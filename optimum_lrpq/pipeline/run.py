@@ -20,7 +20,7 @@ from transformers.utils import logging
 from ..configuration import LRPQConfig, lrpq_config_of
 from ..kernels import check_backend_name
 from ..models import get_adapter
-from ..nn import ATTENTION_KEY, is_quantized_module, set_kernel_backend
+from ..nn import ATTENTION_KEY, is_quantized_module, prepare_kernels, set_kernel_backend
 from ..options import RELEVANCE_ALLOCATIONS, SENSITIVITY_ALLOCATIONS
 from ..relevance import compute_relevance
 from .calibration import calibrate
@@ -84,6 +84,7 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
         model.train(was_training)
         raise
     set_kernel_backend(model, config.kernel_backend)  # calibration ran on the reference backend
+    prepare_kernels(model)
     config.layer_bits = layer_bits
     config.relevance = result.relevance
     config.base_model = config.base_model or getattr(model.config, "_name_or_path", None) or None

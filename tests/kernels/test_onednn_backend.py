@@ -124,10 +124,12 @@ def test_fallbacks_are_the_reference_math(counts):
     assert ONEDNN.linear(xb, prepared, bias.bfloat16(), grid).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("block_elements", [1 << 19, 160])  # one block of rows; blocks of 4 rows (27 = 6*4 + 3)
 @pytest.mark.parametrize("weight_bits", [4, 8])
 @pytest.mark.parametrize("groups", [2, 5, onednn.MAX_STEP_GROUPS])
-def test_per_channel_grid_with_few_steps_runs_one_gemm_per_step(weight_bits, groups, counts):
+def test_per_channel_grid_with_few_steps_runs_one_gemm_per_step(weight_bits, groups, counts, block_elements, monkeypatch):
     """Per-channel steps from a small set (fractional per-channel zero points): integer, equal to the reference."""
+    monkeypatch.setattr(onednn, "QUANTIZE_BLOCK_ELEMENTS", block_elements)
     weight, _ = random_weight(24, 40, weight_bits, seed=groups)
     prepared = ONEDNN.prepare_weight(weight, torch.float32)
     dense = REFERENCE.prepare_weight(weight, torch.float32)
@@ -148,11 +150,13 @@ def test_per_channel_grid_with_few_steps_runs_one_gemm_per_step(weight_bits, gro
     assert counts == {"integer": 1, "reference": 1}
 
 
+@pytest.mark.parametrize("block_elements", [1 << 19, 160])
 @pytest.mark.parametrize("weight_bits", [4, 8])
 @pytest.mark.parametrize("levels", [1, 3, onednn.MAX_STEP_GROUPS])
-def test_product_steps_run_one_gemm_per_level(weight_bits, levels, counts):
+def test_product_steps_run_one_gemm_per_level(weight_bits, levels, counts, block_elements, monkeypatch):
     """Steps folded into the weight over a few levels (`input_step_levels`): every channel has its own step (codes),
     the product takes one of `levels` steps: integer, equal to the reference."""
+    monkeypatch.setattr(onednn, "QUANTIZE_BLOCK_ELEMENTS", block_elements)
     weight, _ = random_weight(24, 40, weight_bits, seed=levels)
     prepared = ONEDNN.prepare_weight(weight, torch.float32)
     dense = REFERENCE.prepare_weight(weight, torch.float32)

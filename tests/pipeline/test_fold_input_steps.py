@@ -71,7 +71,7 @@ def test_stored_weight_is_the_float_weight_times_the_step_residuals_rounded_per_
     folded = float_fc2 * residual
     scale, zero_point = estimate_range(folded, 4, channel_axis=0, method="minmax")
     expected = uniform.quantize(folded, scale, zero_point, 4)
-    codes = packing.unpack(layer.qweight, 4, layer.in_features).float()
+    codes = packing.unpack(layer.codes(), 4, layer.in_features).float()  # qweight: a placeholder once released
     assert torch.equal(codes, expected)
     torch.testing.assert_close(layer.weight_scale, scale.reshape(-1))
     # `.weight` is the float weight the layer stands for: the stored one divided back by the residuals
