@@ -184,7 +184,9 @@ class PackedWeightLayer(nn.Module):
         key = self._prepared_key(backend, dtype)
         if key != self._cache_key:
             self._take_back_codes()
-            self._cache = backend.prepare_weight(self.packed_weight(), dtype)
+            # a normal tensor even when first built under inference_mode: a later forward with autograd reads it
+            with torch.inference_mode(False):
+                self._cache = backend.prepare_weight(self.packed_weight(), dtype)
             self._cache_backend = backend
             self._cache_key = self._prepared_key(backend, dtype)
             self._release_codes(backend, dtype)  # hold the weight once where the backend's layout can
