@@ -1,6 +1,6 @@
 """Clipped channel-wise quantization (CCQ) of post-LayerNorm activations: two readings of LRP-QViT's rule.
 
-The paper's exact rule is not available (shared/notes/method-reference.md §3). Post-LayerNorm activations of
+The paper's exact rule is not published (LRP-QViT, arXiv 2401.11243). Post-LayerNorm activations of
 ViTs have a few channels with ranges far wider than the rest; after the reparameterization those channels
 multiply the next linear's weight columns by r_c = s_c / s̃ and blow up its per-row weight ranges. Both readings
 bound that spread:

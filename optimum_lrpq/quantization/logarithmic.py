@@ -8,7 +8,7 @@ log√2 (sqrt2=True, RepQ-ViT) and plain log2 (sqrt2=False), with k = 2 and k = 
 Values above `scale` saturate to it. Values below the smallest level (underflow, including 0 and, defensively,
 negative inputs) dequantize to exactly 0; their code is `zero_code(bits)` = 2**bits. So, as in RepQ-ViT, the
 quantizer has 2**bits non-zero levels plus zero: an integer kernel storing exactly `bits` bits must give up one level.
-See shared/notes/method-reference.md §2.4.
+See RepQ-ViT (arXiv 2212.08254), its log√2 quantizer.
 """
 
 from __future__ import annotations

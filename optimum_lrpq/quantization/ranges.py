@@ -4,7 +4,7 @@ Pure functions over tensors. `channel_axis=None` means one range for the whole t
 range per index along `channel_axis` (all other axes are reduced).
 
 `search_range` and `log2_search_scale` are RepQ-ViT's 3-point percentile search chosen by MSE
-(shared/notes/method-reference.md §2.2, §2.4). Their quantiles come from `row_quantiles`, which gives the numbers of
+(RepQ-ViT, arXiv 2212.08254). Their quantiles come from `row_quantiles`, which gives the numbers of
 `torch.quantile` (default 'linear' interpolation) without its 2**24-element limit and without sorting: only the tail
 elements that the percentiles need are selected.
 """

@@ -5,7 +5,7 @@
 
 `scale` and `zero_point` broadcast against `x`. `zero_point` is kept as a float tensor because the
 LayerNorm reparameterization produces a non-integer target zero point (the mean of the per-channel zero
-points; shared/notes/method-reference.md §2.3). Rounding *after* adding the zero point makes the per-tensor
+points; RepQ-ViT, arXiv 2212.08254). Rounding *after* adding the zero point makes the per-tensor
 grid on reparameterized activations reproduce the per-channel grid exactly; for an integer zero point it is
 the same as `round(x / scale) + zero_point`.
 """
