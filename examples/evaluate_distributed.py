@@ -2,11 +2,15 @@
 
 Each process evaluates its shard of the dataset; predictions and labels are gathered (`gather_for_metrics` drops
 the samples padded onto the last shard) and the main process computes top-1 accuracy with the offline `evaluate`
-metric shipped with optimum-lrpq. The same script runs on one CPU process or many GPUs with no code change:
+metric shipped with optimum-lrpq. The same script runs on several CPU processes or many GPUs with no code change:
 
-    accelerate launch --num_processes 1 --cpu examples/evaluate_distributed.py --model deit-s-lrpq \\
-        --dataset imagenet-1k --split validation
+    torchrun --nproc_per_node 2 examples/evaluate_distributed.py --cpu --model deit-s-lrpq \\
+        --dataset imagenet-1k --split validation        # 2 CPU processes (gloo); prints "2 process(es)"
     accelerate launch --num_processes 8 examples/evaluate_distributed.py --model deit-s-lrpq --dataset imagenet-1k
+
+On CPU, `--cpu` is what makes the processes one group: `accelerate launch --cpu --num_processes 2` starts a single
+process, and without `--cpu` (or `ACCELERATE_USE_CPU=true`) each torchrun process evaluates the whole dataset alone.
+Give each process its share of the cores (`OMP_NUM_THREADS`).
 
 `--model` is a Hub id or a local directory: an lrpq-quantized checkpoint (saved by `optimum-lrpq quantize` or
 `save_pretrained`) or a float model. The dataset is a Hub name, an image folder or a `save_to_disk` directory.
@@ -46,9 +50,11 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="per process")
     parser.add_argument("--limit", type=int, help="evaluate the first N images only")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers per process")
+    parser.add_argument("--cpu", action="store_true",
+                        help="CPU processes (started by torchrun) form one process group and share the dataset")
     args = parser.parse_args(argv)
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.cpu)
     processor = AutoImageProcessor.from_pretrained(args.model)
     model = AutoModelForImageClassification.from_pretrained(args.model).eval().to(accelerator.device)
 

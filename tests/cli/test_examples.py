@@ -75,6 +75,22 @@ def test_evaluate_distributed_with_accelerate_launch(local, tmp_path):
     assert "top-1 accuracy:" in proc.stdout and "on 8 images" in proc.stdout and "1 process(es)" in proc.stdout
 
 
+def test_evaluate_distributed_on_two_cpu_processes(local, tmp_path):
+    from test_cli import cli
+
+    quantized = tmp_path / "quantized"
+    assert cli.main(["quantize", local["model"], "--dataset", local["data"], "--num-samples", "4",
+                     "--output", str(quantized)]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               str(EXAMPLES / "evaluate_distributed.py"), "--cpu", "--model", str(quantized), "--dataset",
+               local["data"], "--split", "validation", "--batch-size", "3"]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = [line for line in proc.stdout.splitlines() if line.startswith("top-1 accuracy:")]
+    assert len(results) == 1 and "on 8 images" in results[0] and "2 process(es)" in results[0]
+
+
 def test_push_to_hub_uploads_model_card_and_plot(local, hub_server, tmp_path):
     code = (
         "import runpy, sys, torch\n"
