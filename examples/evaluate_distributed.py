@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 import optimum_lrpq  # noqa: F401 - registers the lrpq quantization method with transformers
+from optimum_lrpq.data.labels import LabelMismatchError, label_mapping
 from optimum_lrpq.metrics import ACCURACY_PATH
 
 
@@ -62,10 +63,16 @@ def main(argv=None) -> None:
     if args.limit is not None:
         dataset = dataset.select(range(min(args.limit, len(dataset))))
 
+    try:  # class names the model does not have would make the accuracy meaningless: refuse, naming them
+        mapping = label_mapping(dataset, args.label_column, model.config) or {}
+    except LabelMismatchError as error:
+        raise SystemExit(f"error: {error}") from None
+
     def collate(examples):
         images = [example[args.image_column].convert("RGB") for example in examples]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        return pixels, torch.tensor([int(example[args.label_column]) for example in examples])
+        labels = [int(example[args.label_column]) for example in examples]
+        return pixels, torch.tensor([mapping.get(label, label) for label in labels])
 
     loader = DataLoader(dataset, batch_size=args.batch_size, collate_fn=collate, num_workers=args.num_workers)
     # Only the data loader is prepared (sharded per process); inference needs no DDP wrapper around the model.

@@ -27,6 +27,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
+from optimum_lrpq.data.labels import LabelMismatchError, label_mapping
 from optimum_lrpq.metrics import ACCURACY_PATH
 
 
@@ -39,13 +40,16 @@ def load_split(name_or_path: str, split: str):
     return datasets.load_dataset(name_or_path, split=split, streaming=True)
 
 
-def batches(dataset, processor, image_column: str, label_column: str, batch_size: int, limit: int | None):
-    """(pixel_values, labels) batches; images converted to RGB and preprocessed by the model's processor."""
+def batches(dataset, processor, image_column: str, label_column: str, batch_size: int, limit: int | None,
+            mapping: dict[int, int] | None = None):
+    """(pixel_values, labels) batches; images converted to RGB and preprocessed by the model's processor; labels
+    translated to the model's ids by `mapping` (dataset id -> model id) where the class names say so."""
     examples = iter(dataset) if limit is None else itertools.islice(dataset, limit)
     while chunk := list(itertools.islice(examples, batch_size)):
         images = [example[image_column].convert("RGB") for example in chunk]
         pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        yield pixels, [int(example[label_column]) for example in chunk]
+        labels = [int(example[label_column]) for example in chunk]
+        yield pixels, labels if mapping is None else [mapping.get(label, label) for label in labels]
 
 
 @torch.inference_mode()
@@ -53,7 +57,12 @@ def evaluate_model(model, dataset, processor, args) -> tuple[float, float]:
     """(top-1 accuracy, images per second of the forward passes)."""
     metric = evaluate.load(ACCURACY_PATH)
     seconds, count = 0.0, 0
-    for pixels, labels in batches(dataset, processor, args.image_column, args.label_column, args.batch_size, args.limit):
+    try:  # class names the model does not have would make the accuracy meaningless: refuse, naming them
+        mapping = label_mapping(dataset, args.label_column, model.config)
+    except LabelMismatchError as error:
+        raise SystemExit(f"error: {error}") from None
+    for pixels, labels in batches(dataset, processor, args.image_column, args.label_column, args.batch_size, args.limit,
+                                  mapping):
         start = time.perf_counter()
         predictions = model(pixel_values=pixels).logits.argmax(-1)
         seconds += time.perf_counter() - start

@@ -59,6 +59,26 @@ def test_quantize_and_evaluate(local, tmp_path, capsys):
     assert (out / "model.safetensors").exists() and (out / "preprocessor_config.json").exists()
 
 
+def test_examples_refuse_class_names_the_model_does_not_have(local, tmp_path):
+    import json
+
+    import datasets
+    from local_files import CLASS_NAMES
+
+    named = make_model_dir(tmp_path / "named")  # a model whose labels have names: the dataset's class names
+    config = json.loads((named / "config.json").read_text())
+    config["id2label"] = dict(enumerate(CLASS_NAMES))
+    config["label2id"] = {name: i for i, name in enumerate(CLASS_NAMES)}
+    (named / "config.json").write_text(json.dumps(config))
+    renamed = tmp_path / "renamed"
+    data = datasets.load_from_disk(local["data"])
+    names = [f"digit_{i}" for i in range(len(CLASS_NAMES))]
+    data.cast_column("label", datasets.ClassLabel(names=names)).save_to_disk(str(renamed))
+    with pytest.raises(SystemExit, match=r"error: .*digit_0"):
+        run_example("quantize_and_evaluate.py", ["--model", str(named), "--dataset", str(renamed),
+                                                 "--num-calibration", "4", "--limit", "4", "--batch-size", "4"])
+
+
 def test_evaluate_distributed_with_accelerate_launch(local, tmp_path):
     from test_cli import cli
 
