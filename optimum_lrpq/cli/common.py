@@ -139,9 +139,9 @@ def load_model(name: str | None):
 
 def model_error(name: str, err: BaseException) -> str:
     """The one-line explanation of why the model `name` could not be loaded."""
-    detail = one_line(err).rstrip(".") if os.path.isdir(name) else one_line(err).split(". ")[0]  # dir: all of it
-    if os.path.isdir(name):
-        return f"Could not load the model in directory {name}: {detail}."
+    if os.path.isdir(name):  # the whole message: checkpoint errors end with the fix
+        return f"Could not load the model in directory {name}: {one_line(err).rstrip('.')}."
+    detail = one_line(err).split(". ")[0]
     try:
         check_model_path(name)
     except CLIError as local:

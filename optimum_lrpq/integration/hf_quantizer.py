@@ -18,7 +18,7 @@ from transformers.utils import logging
 from ..configuration import LRPQConfig
 from ..data.loading import load_calibration_dataset
 from ..models import get_adapter
-from ..nn import ATTENTION_KEY, prepare_kernels, set_kernel_backend
+from ..nn import ATTENTION_KEY, PackedWeightLayer, prepare_kernels, set_kernel_backend
 from ..pipeline import quantize
 from ..pipeline.conversion import convert_model, known_module_names
 from .checkpoint import validate_checkpoint, validate_grids, validate_layer_names
@@ -113,9 +113,11 @@ def _own_storage(model) -> None:
     the stored codes (`prepare_kernels`), which then frees the copies."""
     with torch.no_grad():
         for module in model.modules():
-            for name, param in module.named_parameters(recurse=False):
+            for param in module.parameters(recurse=False):
                 if param.device.type == "cpu":
                     param.data = param.data.clone()
+            # codes already given up to a kernel layout (quantized while loading): their placeholder stays
+            released = isinstance(module, PackedWeightLayer) and module.codes_released
             for name, buffer in module.named_buffers(recurse=False):
-                if buffer is not None and buffer.device.type == "cpu" and buffer.stride() != (0,) * buffer.dim():
+                if buffer.device.type == "cpu" and not (released and name == "qweight"):
                     module._buffers[name] = buffer.clone()

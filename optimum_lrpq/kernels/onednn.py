@@ -117,25 +117,35 @@ def supported() -> bool:
 # ---------------------------------------------------------------------------------------------- input codes
 
 
-# Float32 elements per block of `_quantize_eager`: a block small enough to stay in cache
+# Float32 elements per block of `_code_blocks`: a block small enough to stay in cache
 # between its passes, and no float temporary the size of the input (fc2's input is 77 MB at batch 32 on ViT-Base).
 QUANTIZE_BLOCK_ELEMENTS = 1 << 19
 
 
 def _quantize_eager(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
-    # zero_point + x / scale, with one rounding per operation like the reference's `x / scale + zero_point`
     rows, columns = x.shape
-    block = max(1, QUANTIZE_BLOCK_ELEMENTS // max(1, columns))
-    if rows <= block:
+    if rows <= _block_rows(columns):
         return torch.addcdiv(zero_point, x, scale).round_().clamp_(0, qmax).to(torch.uint8)
     codes = torch.empty(rows, columns, dtype=torch.uint8, device=x.device)
-    buffer = torch.empty(block, columns, dtype=torch.float32, device=x.device)
-    for start in range(0, rows, block):
-        end = min(rows, start + block)
-        t = buffer[: end - start]
-        torch.addcdiv(zero_point, x[start:end], scale, out=t)
-        codes[start:end] = t.round_().clamp_(0, qmax)
+    for start, end, block in _code_blocks(x, scale, zero_point, qmax):
+        codes[start:end] = block
     return codes
+
+
+def _block_rows(columns: int) -> int:
+    return max(1, QUANTIZE_BLOCK_ELEMENTS // max(1, columns))
+
+
+def _code_blocks(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int):
+    """(start, end, codes of rows start:end as float32), a block of rows at a time in one reused buffer."""
+    rows, columns = x.shape
+    buffer = torch.empty(max(1, min(rows, _block_rows(columns))), columns, dtype=torch.float32, device=x.device)
+    for start in range(0, rows, buffer.shape[0]):
+        end = min(rows, start + buffer.shape[0])
+        t = buffer[: end - start]
+        # zero_point + x / scale, with one rounding per operation like the reference's `x / scale + zero_point`
+        torch.addcdiv(zero_point, x[start:end], scale, out=t)
+        yield start, end, t.round_().clamp_(0, qmax)
 
 
 def _quantize_math(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -439,16 +449,10 @@ def _quantize_into_groups(x2: torch.Tensor, terms: _GroupedTerms, qmax: int) -> 
     """The reference's uint8 codes of `x2` on the per-channel grid, as one contiguous [rows, K_g] matrix per group:
     quantized and gathered a block of rows at a time, so the gather reads a block that is still in cache instead of
     a whole [rows, K] matrix."""
-    rows, columns = x2.shape
     channels = [terms.order[start:end] for start, end in terms.bounds]
-    groups = [torch.empty(rows, c.numel(), dtype=torch.uint8, device=x2.device) for c in channels]
-    block = max(1, min(rows, QUANTIZE_BLOCK_ELEMENTS // max(1, columns)))
-    buffer = torch.empty(block, columns, dtype=torch.float32, device=x2.device)
-    for start in range(0, rows, block):
-        end = min(rows, start + block)
-        t = buffer[: end - start]
-        torch.addcdiv(terms.zero_point, x2[start:end], terms.scale, out=t)
-        codes = t.round_().clamp_(0, qmax).to(torch.uint8)
+    groups = [torch.empty(x2.shape[0], c.numel(), dtype=torch.uint8, device=x2.device) for c in channels]
+    for start, end, block in _code_blocks(x2, terms.scale, terms.zero_point, qmax):
+        codes = block.to(torch.uint8)
         for group, c in zip(groups, channels, strict=True):  # gather: several times faster than index_select on uint8
             torch.gather(codes, 1, c.expand(end - start, -1), out=group[start:end])
     return groups

@@ -55,9 +55,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     # costs an allocation and a pass of page faults). The buffer is contiguous whatever the layout of `x` (q, k, v
     # arrive transposed), so the matmul that reads it needs no copy.
     out = torch.empty(xf.shape, dtype=torch.float32, device=xf.device)
-    torch.div(xf, scale, out=out)
-    out.add_(zero_point).round_().clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
-    return out.to(x.dtype)
+    return _round_trip_(torch.div(xf, scale, out=out), scale, zero_point, bits).to(x.dtype)
 
 
 def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
@@ -66,7 +64,12 @@ def fake_quantize_(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     Not for tensors autograd needs: the caller checks that gradients are off."""
     if x.dtype != torch.float32:
         raise TypeError(f"fake_quantize_ works on float32 tensors, got {x.dtype}.")
-    return x.div_(scale).add_(zero_point).round_().clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
+    return _round_trip_(x.div_(scale), scale, zero_point, bits)
+
+
+def _round_trip_(t: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """`t` = x / scale onto the grid and back, in place: (clamp(round(t + zero_point)) - zero_point) * scale."""
+    return t.add_(zero_point).round_().clamp_(0, qmax(bits)).sub_(zero_point).mul_(scale)
 
 
 def channel_view_shape(ndim: int, channel_axis: int, channels: int) -> list[int]:
