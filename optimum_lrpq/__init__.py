@@ -6,8 +6,8 @@ function with transformers, so quantized checkpoints load with `AutoModelForImag
 The import itself is light (no torch, no transformers), so that `optimum-lrpq --help` and the command-line parser
 start at once:
 
-- the public names (`LRPQConfig`, `LRPQuantizer`, `set_kernel_backend`, `supported_models`) are imported on first
-  use (PEP 562 `__getattr__`);
+- the public names (`LRPQConfig`, `LRPQuantizer`, `export_onnx`, `set_kernel_backend`, `supported_models`) are
+  imported on first use (PEP 562 `__getattr__`); `export_onnx` imports onnx only when an export runs;
 - registration with transformers happens right away when transformers' modeling code is already loaded, and
   otherwise as soon as it is (the import hook of `optimum_lrpq_autoload`, armed here even when
   `OPTIMUM_LRPQ_NO_AUTOLOAD=1` switched off its start-up installation), which is before any `from_pretrained` can
@@ -22,11 +22,13 @@ from .version import __version__
 
 if TYPE_CHECKING:
     from .configuration import LRPQConfig
+    from .export import export_onnx
     from .integration.quantizer import LRPQuantizer
     from .models import supported_models
     from .nn import set_kernel_backend
 
-__all__ = ["LRPQConfig", "LRPQuantizer", "__version__", "register", "set_kernel_backend", "supported_models"]
+__all__ = ["LRPQConfig", "LRPQuantizer", "__version__", "export_onnx", "register", "set_kernel_backend",
+           "supported_models"]
 
 
 def register() -> None:
@@ -44,6 +46,8 @@ def __getattr__(name: str) -> Any:
         from .integration.quantizer import LRPQuantizer as value
     elif name == "supported_models":
         from .models import supported_models as value
+    elif name == "export_onnx":
+        from .export import export_onnx as value
     elif name == "set_kernel_backend":
         from .nn import set_kernel_backend as value
     else:

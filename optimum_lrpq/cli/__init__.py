@@ -7,6 +7,7 @@
     optimum-lrpq evaluate deit-s-lrpq --dataset imagenet-1k --split validation --limit 1000 \\
         --baseline facebook/deit-small-patch16-224
     optimum-lrpq inspect deit-s-lrpq
+    optimum-lrpq export deit-s-lrpq --format onnx      # QDQ ONNX model for ONNX Runtime: deit-s-lrpq/model.onnx
 
 `optimum-lrpq` without a command prints the help. Models are Hub ids or local directories; datasets are Hub names,
 local image folders or `save_to_disk` directories (a name that looks like a local path but is no directory is an
@@ -18,7 +19,8 @@ torch, transformers and datasets are imported inside the commands, so `--help` a
 same commands are available as `optimum-cli lrpq ...` (see `optimum/commands/register/lrpq.py`).
 
 Layout: `app` (parser, dispatch, exit statuses), `common` (shared loaders, output directories, formatting) and one
-module per command (`quantize`, `evaluate`, `inspect`, `demo`), each with `add_parser(subparsers)` and `run(args)`.
+module per command (`quantize`, `evaluate`, `inspect`, `export`, `demo`), each with `add_parser(subparsers)` and
+`run(args)`.
 """
 
 from .app import main

@@ -1,7 +1,7 @@
 """The `optimum-lrpq` program: the parser built from the command modules, dispatch, and error handling.
 
-Each command module (`quantize`, `evaluate`, `inspect`, `demo`) defines `add_parser(subparsers)`, which sets the
-subparser's `func` to the module's `run(args) -> int`. Without a command the help is printed (exit status 0). A
+Each command module (`quantize`, `evaluate`, `inspect`, `export`, `demo`) defines `add_parser(subparsers)`, which
+sets the subparser's `func` to the module's `run(args) -> int`. Without a command the help is printed (exit status 0). A
 `CLIError` is reported in one line with exit status 2, Ctrl-C with exit status 130.
 
 Building the parser imports nothing heavy (the command modules import torch, transformers and datasets inside
@@ -14,11 +14,12 @@ import argparse
 import contextlib
 import sys
 
-from . import demo, evaluate, inspect, quantize
+from . import demo, evaluate, export, inspect, quantize
 from .common import EXIT_ERROR, PROG, CLIError, one_line, progress_bars_off, progress_disabled
 
 # (command name, module), in the order of the help text.
-_COMMANDS = (("quantize", quantize), ("evaluate", evaluate), ("inspect", inspect), ("demo", demo))
+_COMMANDS = (("quantize", quantize), ("evaluate", evaluate), ("inspect", inspect), ("export", export),
+             ("demo", demo))
 COMMANDS = tuple(name for name, _ in _COMMANDS)
 
 

@@ -62,6 +62,47 @@ def staged_output(path: str | os.PathLike, *, replace: bool = True, overwrite: b
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def check_output_file(path: str | os.PathLike, overwrite: bool) -> str:
+    """Absolute `path`, after checking that a file may be written there (call it before any expensive work): not a
+    directory, not an existing file unless `overwrite`, and its nearest existing parent a writable directory."""
+    target = os.path.abspath(os.path.expanduser(os.fspath(path)))
+    if os.path.isdir(target):
+        raise OutputExistsError(f"The output path {path} is a directory; give the file to write, e.g. "
+                                f"{os.path.join(os.fspath(path), 'model.onnx')}.")
+    if os.path.exists(target) and not overwrite:
+        raise OutputExistsError(f"The output file {path} already exists; pass --overwrite (overwrite=True) to "
+                                "replace it, or choose another output.")
+    parent = os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise OutputExistsError(f"Cannot write {path}: {parent} is a file, not a directory.")
+    if not os.access(parent, os.W_OK):
+        raise OutputExistsError(f"Cannot write {path}: no write permission in {parent}.")
+    return target
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[str]:
+    """Yield a file name in a temporary sibling directory of `path`; on success move what was written there next to
+    `path` (a writer may add side files named after it, e.g. ONNX external data), the file itself last.
+
+    An existing `path` is replaced only with `overwrite=True`. On any failure or Ctrl-C nothing is moved."""
+    target = check_output_file(path, overwrite)
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    try:
+        yield os.path.join(staging, name)
+        written = sorted(os.listdir(staging))
+        if name not in written:
+            raise FileNotFoundError(f"nothing was written to {path}")
+        for filename in [f for f in written if f != name] + [name]:
+            os.replace(os.path.join(staging, filename), os.path.join(parent, filename))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def _replace(staging: str, target: str, path: str | os.PathLike, overwrite: bool) -> None:
     if os.path.exists(target):
         if not overwrite:

@@ -20,7 +20,7 @@ ROOT = Path(optimum_lrpq.__file__).parent
 # Top to bottom. A module may import modules of its own floor or of any floor below it, never above.
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("entry points", ("optimum_lrpq", "optimum_lrpq.cli", "optimum_lrpq.demo")),
-    ("integration", ("optimum_lrpq.integration",)),
+    ("integration", ("optimum_lrpq.integration", "optimum_lrpq.export")),
     ("pipeline", ("optimum_lrpq.pipeline", "optimum_lrpq.reporting", "optimum_lrpq.data", "optimum_lrpq.metrics")),
     ("algorithms", ("optimum_lrpq.relevance", "optimum_lrpq.allocation")),
     ("modules", ("optimum_lrpq.models", "optimum_lrpq.nn")),

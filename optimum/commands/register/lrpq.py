@@ -8,6 +8,7 @@ arguments are handed unparsed to `optimum_lrpq.cli.main`, which imports torch/tr
     optimum-cli lrpq quantize MODEL --dataset NAME_OR_DIR --mixed-precision --output DIR
     optimum-cli lrpq evaluate DIR --dataset NAME_OR_DIR --baseline MODEL
     optimum-cli lrpq inspect DIR
+    optimum-cli lrpq export DIR --format onnx
 """
 
 import argparse
@@ -21,6 +22,7 @@ LRP-QViT post-training quantization of vision transformers (optimum-lrpq); same 
   quantize   quantize a model and save it (model, image processor, model card, bits plot)
   evaluate   top-1 accuracy and throughput, optionally next to the float model (--baseline)
   inspect    print the per-layer bits and relevance of a quantized model and plot them
+  export     write a quantized model as a QDQ ONNX model for ONNX Runtime (integer GEMMs)
   demo       quantize the shipped MNIST ViT at W4/A4 mixed precision and compare (offline, seconds)
 
 Run `optimum-cli lrpq <command> --help` for the options of a command."""
@@ -33,7 +35,7 @@ class LRPQCommand(BaseOptimumCLICommand):
     def parse_args(parser: argparse.ArgumentParser) -> None:
         parser.description = _DESCRIPTION
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.usage = "optimum-cli lrpq [-h] {quantize,evaluate,inspect,demo} ..."
+        parser.usage = "optimum-cli lrpq [-h] {quantize,evaluate,inspect,export,demo} ..."
         parser.add_argument("lrpq_args", nargs=argparse.REMAINDER, metavar="COMMAND ...",
                             help="an optimum-lrpq command and its arguments")
 
