@@ -18,6 +18,7 @@ from .options import (
     CLIPPING_RULES,
     GRANULARITIES,
     RANGE_METHODS,
+    RECONSTRUCTIONS,
     RELEVANCE_RULES,
     RELEVANCE_SCORES,
     RELEVANCE_TARGETS,
@@ -103,6 +104,16 @@ class LRPQConfig(QuantizationConfigMixin):
             during the calibration pass; same grids, same checkpoint format) or "nearest" (round each weight to the
             nearest level, as RepQ-ViT). GPTQ costs in_features² floats of memory per layer during calibration and
             a few seconds more; on real pretrained DINOv2-S it turns W4A8 from 52 % into 93 % (benchmarks/README.md).
+        reconstruction: None (default) or "block": after calibration, learn each transformer block's weight
+            rounding (AdaRound) and activation steps (LSQ) so that the quantized block reproduces the float block's
+            output on the calibration images (BRECQ / QDrop block reconstruction; `pipeline.reconstruction`). The
+            block weights are then rounded as learned (`weight_rounding` still rounds the layers outside the blocks).
+            Costs `reconstruction_steps` forward + backward passes of each block on `reconstruction_batch_size`
+            images; same checkpoint format.
+        reconstruction_steps: optimisation steps per block.
+        reconstruction_batch_size: images per reconstruction step.
+        reconstruction_drop: QDrop's probability that an element of a block's input is the float model's instead of
+            the quantized model's (0: always the quantized input).
         reparameterize: fold per-channel post-LayerNorm quantization into the LayerNorm affine and the next
             linear (RepQ-ViT), so inference uses one per-tensor quantizer.
         linear_input_granularity: input quantizers of o_proj and fc2 (the block linears not fed by a LayerNorm;
@@ -196,6 +207,10 @@ class LRPQConfig(QuantizationConfigMixin):
         activation_range: str = "minmax",
         mlp_hidden_range: str = "percentile_mse",
         weight_rounding: str = "gptq",
+        reconstruction: str | None = None,
+        reconstruction_steps: int = 100,
+        reconstruction_batch_size: int = 8,
+        reconstruction_drop: float = 0.5,
         reparameterize: bool = True,
         linear_input_granularity: str | None = None,
         attention_granularity: str | None = None,
@@ -245,6 +260,10 @@ class LRPQConfig(QuantizationConfigMixin):
         self.activation_range = activation_range
         self.mlp_hidden_range = mlp_hidden_range
         self.weight_rounding = weight_rounding
+        self.reconstruction = reconstruction
+        self.reconstruction_steps = reconstruction_steps
+        self.reconstruction_batch_size = reconstruction_batch_size
+        self.reconstruction_drop = reconstruction_drop
         self.reparameterize = reparameterize
         self.linear_input_granularity = linear_input_granularity
         self.attention_granularity = attention_granularity
@@ -320,6 +339,15 @@ class LRPQConfig(QuantizationConfigMixin):
         check_choice(self.activation_range, "activation_range", RANGE_METHODS)
         check_choice(self.mlp_hidden_range, "mlp_hidden_range", RANGE_METHODS)
         check_choice(self.weight_rounding, "weight_rounding", WEIGHT_ROUNDINGS)
+        if self.reconstruction is not None:
+            check_choice(self.reconstruction, "reconstruction", RECONSTRUCTIONS)
+        self.reconstruction_steps = _check_positive_int(self.reconstruction_steps, "reconstruction_steps")
+        self.reconstruction_batch_size = _check_positive_int(self.reconstruction_batch_size,
+                                                             "reconstruction_batch_size")
+        drop = self.reconstruction_drop
+        if isinstance(drop, bool) or not isinstance(drop, numbers.Real) or not 0.0 <= drop <= 1.0:
+            raise ValueError(f"reconstruction_drop must be a number in [0, 1], got {drop!r}.")
+        self.reconstruction_drop = float(drop)
         check_choice(self.relevance_target, "relevance_target", RELEVANCE_TARGETS)
         check_choice(self.relevance_score, "relevance_score", RELEVANCE_SCORES)
         check_choice(self.relevance_rule, "relevance_rule", RELEVANCE_RULES)

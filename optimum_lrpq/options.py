@@ -18,6 +18,7 @@ RANGE_METHODS = ("minmax", "percentile_mse", "mse")
 GRANULARITIES = ("per_tensor", "per_channel")
 ATTENTION_GRANULARITIES = ("per_tensor", "per_head")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+RECONSTRUCTIONS = ("block",)  # `LRPQConfig.reconstruction` (None: off)
 CLIPPING_RULES = ("ccq_a", "ccq_b")
 # `activation_step_groups`: per-channel input steps take at most G values, s_max / STEP_GROUP_RATIO**g (g < G).
 STEP_GROUP_RATIO = 2.0

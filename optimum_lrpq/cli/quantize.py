@@ -13,7 +13,7 @@ import json
 import os
 from typing import Any
 
-from ..options import ALLOCATIONS, RELEVANCE_TARGETS, WEIGHT_ROUNDINGS
+from ..options import ALLOCATIONS, RECONSTRUCTIONS, RELEVANCE_TARGETS, WEIGHT_ROUNDINGS
 from .common import (
     DEMO_BASE_MODEL,
     CLIError,
@@ -44,6 +44,8 @@ FLAG_FIELDS = {
     "relevance_target": "relevance_target",
     "allocation": "allocation",
     "weight_rounding": "weight_rounding",
+    "reconstruction": "reconstruction",
+    "reconstruction_steps": "reconstruction_steps",
     "calibration_batch_size": "calibration_batch_size",
 }
 # LRPQConfig fields the quantizer writes into a quantized model's config: not options.
@@ -81,6 +83,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--weight-rounding", choices=WEIGHT_ROUNDINGS,
                    help="gptq: round with error compensation on the calibration inputs; nearest: round to the "
                    "nearest level (default: gptq)")
+    q.add_argument("--reconstruction", choices=RECONSTRUCTIONS,
+                   help="block: after calibration, learn each transformer block's weight rounding and activation "
+                   "steps to reproduce the float block's output (slower; default: off)")
+    q.add_argument("--reconstruction-steps", type=int, metavar="N",
+                   help="optimisation steps per block with --reconstruction (default: 100)")
     q.add_argument("--calibration-batch-size", type=int, metavar="N",
                    help="images per calibration forward pass (default: 8)")
     add_device_argument(q, "quantize")

@@ -41,6 +41,18 @@ class Block:
     mlp_activation: str = ""  # the activation module between fc1 and fc2 ("": none to move into fc1)
 
     @property
+    def module(self) -> str:
+        """The block module itself: the deepest module holding both its attention and its MLP (block
+        reconstruction replays it on its own)."""
+        q, fc2 = self.q.split("."), self.fc2.split(".")
+        common = []
+        for a, b in zip(q, fc2):
+            if a != b:
+                break
+            common.append(a)
+        return ".".join(common)
+
+    @property
     def qkv(self) -> tuple[str, str, str]:
         return self.q, self.k, self.v
 

@@ -31,6 +31,12 @@ class ActivationQuantizer(nn.Module):
     def per_channel(self) -> bool:
         return False
 
+    @property
+    def learning(self) -> bool:
+        """Whether a grid tensor requires grad (block reconstruction learns the steps): the in-place inference paths
+        must then step aside, autograd needs the graph."""
+        return torch.is_grad_enabled() and any(b.requires_grad for b in self.buffers(recurse=False))
+
     def set_grid_from(self, observer, *, min_rows: int) -> None:
         """Take the grid from a finished observer (`optimum_lrpq.pipeline.observers.ActivationObserver`)."""
         raise NotImplementedError

@@ -110,7 +110,8 @@ def _in_place_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         return False
     for name in QUANTIZER_NAMES:
         quant = getattr(module, name, None)
-        if quant is not None and (not isinstance(quant, ActivationQuantizer) or quant.observer is not None):
+        if quant is not None and (not isinstance(quant, ActivationQuantizer) or quant.observer is not None
+                                  or quant.learning):
             return False
     return True
 

@@ -47,6 +47,6 @@ class QuantLayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         if (self.out_quant.observer is None and y.dtype == torch.float32
-                and not (torch.is_grad_enabled() and y.requires_grad)):
+                and not (torch.is_grad_enabled() and y.requires_grad) and not self.out_quant.learning):
             return self.out_quant.fake_quantize_(y)  # y is ours and nothing else reads it: no second tensor
         return self.out_quant(y)

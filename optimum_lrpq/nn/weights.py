@@ -125,8 +125,13 @@ class PackedWeightLayer(nn.Module):
 
     def store(self, rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
         """Round `rows` onto the grid, pack the codes and drop the float weight (the layer becomes frozen)."""
+        self.store_codes(uniform.quantize(rows, scale[:, None], zero_point[:, None], self.weight_bits), scale,
+                         zero_point)
+
+    def store_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Pack integer `codes` ([out, row], values in [0, 2**bits - 1], any dtype) on the grid (`scale`,
+        `zero_point`: [out]) and drop the float weight (the layer becomes frozen)."""
         weight = self.weight.detach()
-        codes = uniform.quantize(rows, scale[:, None], zero_point[:, None], self.weight_bits)
         del self.weight
         self._init_frozen(tuple(weight.shape), self.weight_bits, weight.device)
         self.qweight.copy_(packing.pack(codes.to(torch.uint8), self.weight_bits))

@@ -21,6 +21,8 @@ from ..quantization.clipping import clip_channel_scales
 from ..quantization.gptq import gptq_quantize
 from ..quantization.reparameterization import reparameterize, search_fold_strength
 from .observers import ActivationObserver
+from .placement import model_device_and_dtype
+from .reconstruction import reconstruct_blocks
 
 logger = logging.get_logger(__name__)
 
@@ -86,14 +88,6 @@ def run_batches(model: nn.Module, batches: list[torch.Tensor], description: str,
         model(pixel_values=batch.to(device=device, dtype=dtype))
 
 
-def model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where and in which float dtype `model` computes (its first floating-point parameter)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.device, p.dtype
-    return torch.device("cpu"), torch.float32
-
-
 class InputMoments:
     """Running sums of a weight layer's input rows x (the vectors a weight row is multiplied with): Σx, Σxxᵀ, count.
 
@@ -138,8 +132,10 @@ class InputMoments:
         return (moment + torch.outer(shift, shift)).float()
 
 
-def attach_moment_hooks(model: nn.Module, layout: ModelLayout) -> tuple[dict[str, InputMoments], list]:
-    """Forward pre-hooks recording the input moments of every not yet frozen weight layer (for GPTQ).
+def attach_moment_hooks(model: nn.Module, layout: ModelLayout, skip: frozenset[str] = frozenset()
+                        ) -> tuple[dict[str, InputMoments], list]:
+    """Forward pre-hooks recording the input moments of every not yet frozen weight layer (for GPTQ), but those in
+    `skip` (rounded another way: block reconstruction).
 
     The consumers of one LayerNorm (q, k, v) see the same input and share one record. Memory: in_features² floats
     per record (ViT-Base: about 0.4 GB in all, mostly the fc2 inputs).
@@ -148,7 +144,7 @@ def attach_moment_hooks(model: nn.Module, layout: ModelLayout) -> tuple[dict[str
     moments: dict[str, InputMoments] = {}
     handles = []
     for name, module in model.named_modules():
-        if not isinstance(module, PackedWeightLayer) or module.is_frozen:
+        if not isinstance(module, PackedWeightLayer) or module.is_frozen or name in skip:
             continue
         if isinstance(module, QuantConv2d) and module.groups != 1:
             continue
@@ -289,7 +285,11 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
     """
     timings = {} if timings is None else timings
     attach_observers(model, config, len(batches), mlp_hidden_quantizers(model, layout))
-    moments, handles = attach_moment_hooks(model, layout) if config.weight_rounding == "gptq" else ({}, [])
+    reconstructed = frozenset(name for block in layout.blocks for name in (*block.attention_linears,
+                                                                           *block.mlp_linears)
+                              ) if config.reconstruction else frozenset()
+    moments, handles = (attach_moment_hooks(model, layout, skip=reconstructed) if config.weight_rounding == "gptq"
+                        else ({}, []))
     try:
         start = time.perf_counter()
         run_batches(model, batches, "Calibrating", show_progress)
@@ -301,6 +301,12 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
 
         # Before the weights: a layer that folds its input steps into its weight columns needs them calibrated.
         finalize_activation_grids(model, num_images=sum(int(b.shape[0]) for b in batches))
+        timings["grids_and_weights"] = time.perf_counter() - start
+        if config.reconstruction == "block":  # learns and freezes the block weights; the rest is rounded below
+            start = time.perf_counter()
+            reconstruct_blocks(model, layout, config, batches, show_progress=show_progress)
+            timings["reconstruction"] = time.perf_counter() - start
+        start = time.perf_counter()
 
         def hessian_of(name: str) -> torch.Tensor | None:
             record = moments.get(name)
@@ -314,7 +320,7 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
         freeze_weights(model, config.weight_range, hessian_of,
                        shared_input_of=lambda name: id(moments[name]) if name in moments else name)
         moments.clear()
-        timings["grids_and_weights"] = time.perf_counter() - start
+        timings["grids_and_weights"] += time.perf_counter() - start
     finally:
         for handle in handles:
             handle.remove()

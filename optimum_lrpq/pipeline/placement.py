@@ -17,6 +17,14 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
+def model_device_and_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which float dtype `model` computes (its first floating-point parameter)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.device, p.dtype
+    return torch.device("cpu"), torch.float32
+
+
 def _align_hooks(hook) -> list:
     from accelerate.hooks import AlignDevicesHook, SequentialHook
 

@@ -35,8 +35,9 @@ from transformers.utils import logging
 from ..configuration import SENSITIVITY_METRICS, LRPQConfig
 from ..models import ModelLayout
 from ..nn import ATTENTION_KEY
-from .calibration import calibrate, model_device_and_dtype
+from .calibration import calibrate
 from .conversion import convert_model, restore_model
+from .placement import model_device_and_dtype
 from .units import unit_layer_bits
 
 logger = logging.get_logger(__name__)

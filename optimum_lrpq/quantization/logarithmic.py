@@ -66,7 +66,14 @@ def log_dequantize_shift(codes: torch.Tensor, scale: torch.Tensor, bits: int, sq
 
 
 def log_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int, sqrt2: bool = True) -> torch.Tensor:
-    """Quantize then dequantize, computed in float32 and returned in `x.dtype`."""
+    """Quantize then dequantize, computed in float32 and returned in `x.dtype`.
+
+    Under autograd the gradient passes straight through to `x` (the levels are a step function of x); `scale` is
+    not learned."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        with torch.no_grad():
+            quantized = log_dequantize(log_quantize(x, scale, bits, sqrt2), scale, bits, sqrt2).to(x.dtype)
+        return x + (quantized - x.detach())
     return log_dequantize(log_quantize(x, scale, bits, sqrt2), scale, bits, sqrt2).to(x.dtype)
 
 

@@ -37,9 +37,20 @@ def scale_zero_point_from_range(
     return scale, zero_point
 
 
+def round_ste(t: torch.Tensor) -> torch.Tensor:
+    """`round(t)` whose gradient is the identity (straight-through estimator, Bengio et al. 2013)."""
+    return t + (torch.round(t) - t).detach()
+
+
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer codes (as float tensor, values in [0, 2**bits - 1])."""
-    return torch.clamp(torch.round(x / scale + zero_point), 0, qmax(bits))
+    """Integer codes (as float tensor, values in [0, 2**bits - 1]).
+
+    Under autograd the rounding is straight-through, so the codes pass gradients to `x` inside the range and, with
+    `dequantize`, to `scale` as LSQ's step gradient (Esser et al. 2020): round(x/s) - x/s inside, the clamped code
+    minus the zero point outside (block reconstruction learns activation steps this way)."""
+    t = x / scale + zero_point
+    rounded = round_ste(t) if torch.is_grad_enabled() and t.requires_grad else torch.round(t)
+    return torch.clamp(rounded, 0, qmax(bits))
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
