@@ -98,6 +98,8 @@ def reconstruct_blocks(model: nn.Module, layout: ModelLayout, config: LRPQConfig
         block_module = model.get_submodule(block.module)
         layers = {name: model.get_submodule(name) for name in (*block.attention_linears, *block.mlp_linears)}
         layers = {n: m for n, m in layers.items() if isinstance(m, PackedWeightLayer) and not m.is_frozen}
+        if not layers:  # kept float (`modules_to_not_convert`): nothing to learn
+            continue
         with _float_model(model, float_weights), torch.no_grad():
             reference = _capture(model, block_module, batches, with_output=True)
         with torch.no_grad():

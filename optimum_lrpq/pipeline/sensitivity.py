@@ -25,6 +25,7 @@ on 1 CPU thread at W4A4 (8 images): DINOv2-S at 112 px 108 s = 406 float forward
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -107,6 +108,9 @@ def measure_sensitivity(
     _check_metric(metric)  # before any work
     if not batches:
         raise ValueError("measure_sensitivity needs at least one batch of images.")
+    if config.reconstruction is not None:  # a unit's sensitivity is measured with calibration alone (per-unit
+        config = copy.copy(config)          # reconstruction would cost minutes per job)
+        config.reconstruction = None
     device, dtype = model_device_and_dtype(model)
     batches = [b.to(device=device, dtype=dtype) for b in batches]
     count = sum(b.shape[0] for b in batches)

@@ -108,3 +108,16 @@ def test_constant_block_output_is_rounded_to_nearest_with_a_warning(caplog):
         LRPQuantizer(LRPQConfig(reconstruction="block", reconstruction_steps=3)).quantize_model(
             model, pixels(8), show_progress=False)
     assert "output is constant on the calibration images" in caplog.text
+
+
+def test_sensitivity_allocation_reconstructs_only_the_final_model(block_errors):
+    model = _quantize(mixed_precision=True, allocation="sensitivity", num_sensitivity_samples=2,
+                      reconstruction_steps=2)
+    assert len(block_errors) == 2  # the final calibration only, not every sensitivity measurement
+    assert model.config.quantization_config.layer_bits
+
+
+def test_blocks_kept_float_are_skipped(block_errors):
+    model = _quantize(modules_to_not_convert=["vit.layers.0"], reconstruction_steps=2)
+    assert len(block_errors) == 1
+    assert not any(isinstance(m, PackedWeightLayer) for m in model.vit.layers[0].modules())
