@@ -8,14 +8,16 @@ its ratio to float32 and to bf16, and the resident memory (RSS) a model adds onc
   inputs);
 - ``lrpq`` W8A8, W4A8, W4A4 and mixed W4A4 (``mixed_precision=True``), each with the integer kernel backend
   (``onednn``), the same with the ``torch.compile``'d input quantization (``OPTIMUM_LRPQ_ONEDNN_COMPILE=1``) and
-  the ``reference`` backend (dequantize + float matmul);
+  the ``reference`` backend (dequantize + float matmul), and ``onnxruntime``: the checkpoint exported once by
+  ``optimum_lrpq.export_onnx`` (QDQ ONNX, int8 weights) and run by an ONNX Runtime CPU session
+  (``intra_op_num_threads`` = ``--threads``, all graph optimizations: every quantized layer an integer GEMM);
 - ``torchao`` ``Int8DynamicActivationInt8WeightConfig`` and ``optimum-quanto`` W8A8 (``quantize`` + ``Calibration``
   on the 32 calibration images + ``freeze``, as ``accuracy.py`` does).
 
 Every row runs in a fresh subprocess that loads the model the way a user does:
 ``AutoModelForImageClassification.from_pretrained(folder)`` of a ``save_pretrained`` folder written once by this
 script (lrpq checkpoints are quantized once, on 32 calibration images; the subprocess picks the kernel backend with
-``OPTIMUM_LRPQ_KERNEL_BACKEND``). torchao and quanto have no such checkpoint here: their subprocess loads the float32
+``OPTIMUM_LRPQ_KERNEL_BACKEND``; the onnxruntime rows load the ``.onnx`` file exported from it in the setup). torchao and quanto have no such checkpoint here: their subprocess loads the float32
 checkpoint and quantizes it (their "load s" column includes that). RSS (psutil) is read after the imports and the
 inputs are made, and again after load + first forward; the table gives the difference and its ratio to float32's.
 
@@ -26,6 +28,8 @@ the ``onednn`` backend next to the ``reference`` backend (the same checkpoint; o
     python benchmarks/latency.py --models vit-base --batch-sizes 1 --repeats 2 --warmup 1 --skip-accuracy
     python benchmarks/latency.py --models dinov2 --variants onednn --accuracy-limit 200 --markdown /tmp/lat.md
     python benchmarks/latency.py --workdir /tmp/lat-ckpt ...          # keep (and reuse) the quantized checkpoints
+    python benchmarks/latency.py --models vit-base --batch-sizes 32 --variants "W4A4 onednn" "W8A8 onednn" \
+        onnxruntime --skip-accuracy                                   # ONNX Runtime next to the onednn backend
 
 Latencies move with whatever else runs on the machine: run it on an otherwise idle CPU, and compare rows of one
 run only. Not a test.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import hashlib
 import json
 import os
 import platform
@@ -70,7 +75,7 @@ ACCURACY_MODEL = "dinov2"
 class Variant:
     kind: str  # "float32" | "bf16" | "lrpq" | "torchao" | "quanto"
     setting: str | None = None  # lrpq: a key of LRPQ_SETTINGS
-    backend: str | None = None  # lrpq: kernel backend
+    backend: str | None = None  # lrpq: kernel backend, or "onnxruntime" (the exported .onnx file in ONNX Runtime)
     compiled: bool = False  # lrpq onednn: torch.compile'd input quantization
 
     @property
@@ -83,13 +88,17 @@ class Variant:
 VARIANTS = [Variant("float32"), Variant("bf16")]
 for _setting in LRPQ_SETTINGS:
     VARIANTS += [Variant("lrpq", _setting, "onednn"), Variant("lrpq", _setting, "onednn", compiled=True),
-                 Variant("lrpq", _setting, "reference")]
+                 Variant("lrpq", _setting, "reference"), Variant("lrpq", _setting, "onnxruntime")]
 VARIANTS += [Variant("torchao"), Variant("quanto")]
 ALWAYS = ("float32", "bf16")  # the ratio columns need them
 
 
 def _log(message: str) -> None:
     print(f"[latency] {message}", file=sys.stderr, flush=True)
+
+
+def _onnx_key(setting: str) -> str:
+    return _checkpoint_key(setting) + ".onnx"
 
 
 def _checkpoint_key(variant_or_setting: Variant | str) -> str:
@@ -173,10 +182,26 @@ def _load(spec: dict):
     return model, notes
 
 
+def _load_onnxruntime(spec: dict):
+    """An ONNX Runtime CPU session of the exported file, as a user makes one (all graph optimizations), plus notes."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(spec["onnx"], options, providers=["CPUExecutionProvider"])
+    return session, [f"onnxruntime {ort.__version__}", *spec.get("onnx_notes", [])]
+
+
 def _worker_measure(spec: dict) -> dict:
     import torch
 
     import optimum_lrpq  # noqa: F401  (registers the lrpq quantizer with transformers, as a user's import does)
+
+    onnx_row = spec.get("backend") == "onnxruntime"
+    if onnx_row:
+        import onnxruntime  # noqa: F401
 
     if spec["kind"] == "torchao":
         import torchao.quantization  # noqa: F401
@@ -193,24 +218,34 @@ def _worker_measure(spec: dict) -> dict:
     peak_reset = _reset_peak_rss()
 
     start = time.perf_counter()
-    model, notes = _load(spec)
+    if onnx_row:
+        model, notes = _load_onnxruntime(spec)
+        feed = {"pixel_values": pixel_values.numpy()}
+
+        def forward():
+            model.run(None, feed)
+    else:
+        model, notes = _load(spec)
+
+        def forward():
+            model(pixel_values=pixel_values)
     load_seconds = time.perf_counter() - start
     counts_before = dict(onednn.PATH_COUNTS)
     with torch.inference_mode():
         start = time.perf_counter()
-        model(pixel_values=pixel_values)
+        forward()
         first_seconds = time.perf_counter() - start
         rss_after = _rss()
         peak = _peak_rss() if peak_reset else None
         counts_after = dict(onednn.PATH_COUNTS)
         for _ in range(spec["warmup"]):
-            model(pixel_values=pixel_values)
+            forward()
         times = []
         for _ in range(spec["repeats"]):
             start = time.perf_counter()
-            model(pixel_values=pixel_values)
+            forward()
             times.append(time.perf_counter() - start)
-    if spec["kind"] == "lrpq":
+    if spec["kind"] == "lrpq" and not onnx_row:
         notes = _lrpq_backend_note(model, counts_before, counts_after) + notes
         if spec.get("compiled"):
             if onednn._compile_failed:
@@ -352,9 +387,10 @@ def _write_stamp(folder: Path, stamp: dict) -> None:
 
 
 def prepare_model(name: str, folder: Path, settings: list[str], batch_sizes: list[int], vit_rounding: str,
-                  threads: int) -> tuple[dict[str, Path], list[str]]:
-    """Checkpoints (float32, bf16, one per lrpq setting), calibration and timing inputs of ``name`` under
-    ``folder``; reused when a previous run left them with the same stamp. Returns the paths and setup log lines."""
+                  threads: int, onnx_settings: tuple[str, ...] = ()) -> tuple[dict[str, Path], list[str]]:
+    """Checkpoints (float32, bf16, one per lrpq setting; an ONNX export of those in ``onnx_settings``), calibration
+    and timing inputs of ``name`` under ``folder``; reused when a previous run left them with the same stamp. Returns
+    the paths and setup log lines (the ONNX notes under ``paths["onnx_notes"][setting]``)."""
     import torch
     from transformers import AutoModelForImageClassification
 
@@ -427,7 +463,42 @@ def prepare_model(name: str, folder: Path, settings: list[str], batch_sizes: lis
         described = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("weight_bits", "activation_bits"))
         log.append(f"lrpq {setting}: quantized in {seconds:.1f} s ({described})")
         _log(f"{name}: {log[-1]}")
+    paths["onnx_notes"] = {}
+    for setting in onnx_settings:
+        paths[_onnx_key(setting)], paths["onnx_notes"][setting] = _export_onnx(
+            name, paths[_checkpoint_key(setting)], folder / _onnx_key(setting), setting, log)
     return paths, log
+
+
+def _export_onnx(name: str, checkpoint: Path, target: Path, setting: str, log: list[str]) -> tuple[Path, list[str]]:
+    """``optimum_lrpq.export_onnx`` of a saved lrpq checkpoint (reused when its stamp matches); the file and the notes
+    of its rows (how many products ONNX Runtime runs on integer kernels, the check against PyTorch)."""
+    from transformers import AutoModelForImageClassification
+
+    import optimum_lrpq
+    from optimum_lrpq import export_onnx
+
+    stamp_path = target.with_name(target.name + ".stamp.json")
+    import optimum_lrpq.export
+
+    # the export code itself, so that a changed export is redone
+    code = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(
+        Path(optimum_lrpq.export.__file__).parent.glob("*.py")))).hexdigest()[:16]
+    stamp = {"checkpoint": json.loads((checkpoint / "latency-stamp.json").read_text()),
+             "optimum_lrpq": optimum_lrpq.__version__, "export_code": code}
+    if target.exists() and stamp_path.exists() and json.loads(stamp_path.read_text())["stamp"] == stamp:
+        log.append(f"lrpq {setting}: ONNX export reused")
+        return target, json.loads(stamp_path.read_text())["notes"]
+    model = AutoModelForImageClassification.from_pretrained(checkpoint).eval()
+    start = time.perf_counter()
+    result = export_onnx(model, target, overwrite=True)
+    seconds = time.perf_counter() - start
+    notes = [f"{result.integer_products} products integer, {result.float_products} float"]
+    stamp_path.write_text(json.dumps({"stamp": stamp, "notes": notes}, indent=1) + "\n")
+    log.append(f"lrpq {setting}: exported to ONNX in {seconds:.1f} s ({target.stat().st_size / MIB:.0f} MiB; "
+               f"{'; '.join(notes)})")
+    _log(f"{name}: {log[-1]}")
+    return target, notes
 
 
 @dataclass
@@ -566,6 +637,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     variants = [v for v in VARIANTS if _matches(v, args.variants)]
     settings = [s for s in LRPQ_SETTINGS if any(v.kind == "lrpq" and v.setting == s for v in variants)]
+    onnx_settings = tuple(v.setting for v in variants if v.backend == "onnxruntime")
     accuracy_settings = [] if args.skip_accuracy or ACCURACY_MODEL not in args.models else settings
 
     started = datetime.datetime.now()
@@ -600,6 +672,10 @@ def main() -> None:
         ("RSS delta: psutil RSS after load + first forward minus RSS before the load (read after the imports and "
          "after the input batch exists). peak delta: the kernel's high-water mark (VmHWM, reset before the load) "
          "minus the same baseline. `1st fwd s` includes one-time work (weight preparation, torch.compile)."),
+        ("onnxruntime: the lrpq checkpoint exported once with `optimum_lrpq.export_onnx` (QDQ ONNX, opset 20, "
+         "dynamic batch), run by `onnxruntime.InferenceSession` on the CPU execution provider with all graph "
+         "optimizations, `intra_op_num_threads` = --threads; `load s` is the session creation (graph optimization), "
+         "not the export."),
         (f"vit-base: `ViTForImageClassification(ViTConfig(num_labels=1000))`, random weights (seed {VIT_SEED}), "
          f"224 px, lrpq calibrated on 32 random-normal images with weight_rounding={args.vit_weight_rounding!r} "
          "(random weights: accuracy is meaningless there; rounding does not change the packed format or the speed). "
@@ -612,7 +688,7 @@ def main() -> None:
         try:
             paths, setup_log = prepare_model(name, workdir / name, sorted(set(settings) | set(accuracy_settings),
                                              key=list(LRPQ_SETTINGS).index), args.batch_sizes,
-                                             args.vit_weight_rounding, args.threads)
+                                             args.vit_weight_rounding, args.threads, onnx_settings)
         except Exception as exc:  # noqa: BLE001 -- the other model can still run
             traceback.print_exc()
             print(f"\n## {name}: setup failed ({type(exc).__name__}: {exc})", flush=True)
@@ -630,8 +706,11 @@ def main() -> None:
                             "calibration": str(paths["calibration"]), "inputs": str(paths["inputs"]),
                             "batch_size": batch_size, "threads": args.threads, "warmup": args.warmup,
                             "repeats": args.repeats, "compiled": v.compiled}
+                    if v.backend == "onnxruntime":
+                        spec.update(backend=v.backend, onnx=str(paths[_onnx_key(v.setting)]),
+                                    onnx_notes=paths["onnx_notes"][v.setting])
                     env = {}
-                    if v.kind == "lrpq":
+                    if v.kind == "lrpq" and v.backend != "onnxruntime":
                         env["OPTIMUM_LRPQ_KERNEL_BACKEND"] = v.backend
                         env["OPTIMUM_LRPQ_ONEDNN_COMPILE"] = "1" if v.compiled else "0"
                     label = f"{name} b{batch_size} {v.name}"

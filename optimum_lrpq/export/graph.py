@@ -218,7 +218,7 @@ class LogQuantDequant(nn.Module):
     """The log2 / log√2 post-softmax quantizer (`quantization.logarithmic`) in float operations ONNX has:
 
         q = clamp(round(ln(x) * -k / ln 2 + k * log2(scale)), 0, 2**bits)      # = round(-k * log2(x / scale))
-        x_hat = exp(q * -ln 2 / k + ln(scale)), and 0 where q = 2**bits        # = scale * 2**(-q / k)
+        x_hat = exp(q * -ln 2 / k + ln(scale)) * (q < 2**bits)                 # = scale * 2**(-q / k), or 0
 
     ln(.) / ln 2 stands for log2 (no ONNX operator) and exp for exp2: they differ from torch's in the last bit, which
     moves a probability to the neighbouring level only where it lies on a level boundary to float precision.
@@ -239,7 +239,8 @@ class LogQuantDequant(nn.Module):
         q = torch.round(torch.log(x.float()) * self.to_level + self.level_offset)
         q = torch.clamp(q, 0.0, self.zero_code)  # log(0) = -inf -> +inf -> the zero code
         value = torch.exp(q * self.from_level + self.value_offset)
-        return torch.where(q < self.zero_code, value, torch.zeros((), device=x.device)).to(x.dtype)
+        # times a 0/1 mask rather than a Where: ONNX Runtime's Where is ~7x slower than Less + Cast + Mul
+        return (value * (q < self.zero_code).float()).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------------------
