@@ -29,7 +29,8 @@ How each quantized part is written:
   5-bit codes) each channel's codes are shifted left by log2(p / p_min): one GEMM with the step p_min. Otherwise
   the channels of each step are gathered and multiplied as one GEMM each (slower: ONNX Runtime's Gather along the
   last axis). Every channel's zero point times its weight column is a constant folded into the bias. More than
-  `MAX_INPUT_GROUPS` steps: (c - z) in float times the weight scaled by p per row, a float product;
+  `MAX_INPUT_GROUPS` steps: (c - z) in float times the weight scaled by p per row, a float product (the readers of a
+  per-channel LayerNorm grid, `reparameterize=False`, multiply in float too);
 - per-axis activation grids that feed no linear layer (the attention operands q, k, v, per head) are dequantized in
   float operations, never by a per-axis `DequantizeLinear`: ONNX Runtime 1.17-1.23 fuses one that feeds a MatMul
   into `MatMulIntegerToFloat` and then fails at run time ("Per-Channel is not supported yet");
@@ -300,8 +301,13 @@ class ExportLinear(nn.Module):
                 bias = bias + weight @ source.residual.double().expand(layer.in_features)
             if requantize:
                 self.requantize = source.copy(fold_residual=True, whole_zero_point=source_quantized)
-        else:  # a float input (no grid): the float-product form, so ONNX Runtime does not re-quantize it
+            if source.axis is not None:  # a per-channel LayerNorm grid (reparameterize=False): no integer GEMM
+                self.mode = "float"
+        else:
             self.mode = "float"
+        if self.mode == "float":
+            # a float input (no grid, or one per channel): a float product whose weight DequantizeLinear feeds a Mul,
+            # not the MatMul, so ONNX Runtime does not make it a MatMulNBits (which quantizes the input to int8 blocks)
             self.register_buffer("row_steps", torch.ones(layer.in_features, 1, device=codes.device))
         for index, (channels, group_codes) in enumerate(groups):
             # [in, out]: the DequantizeLinear feeds the MatMul directly, with the weight's scale along axis 1

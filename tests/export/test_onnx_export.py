@@ -180,15 +180,17 @@ def test_export_form_matches_reference_in_pytorch():
     """The rewritten modules compute the reference's codes: in PyTorch (no ONNX Runtime float kernels) the outputs
     are the reference backend's to float rounding, for every way an input reaches its product."""
     pixels = digits("test_images", 8)
-    modes = set()
+    modes, float_modes = set(), set()
     for model_name, setting, options in [("vit", "W4A4", {}), ("deit_teacher", "W8A8", {}), ("swin", "mixed", {}),
                                          ("dinov2", "W4A4", {"input_step_levels": 0}),
-                                         ("deit", "W4A4", {"linear_input_granularity": "per_tensor"})]:
+                                         ("deit", "W4A4", {"linear_input_granularity": "per_tensor"}),
+                                         ("vit", "W8A8", {"reparameterize": False})]:
         model = quantized(model_name, setting, **options)
         expected = reference_logits(model, pixels)["logits"]
         with torch.no_grad(), export_form(model, pixels) as twin:
             got = twin(pixel_values=pixels).logits
             modes |= {m.mode for m in twin.modules() if isinstance(m, ExportLinear) and m.input is not None}
+            float_modes |= {m.mode for m in twin.modules() if isinstance(m, ExportLinear) and m.input is None}
         span = (expected.max() - expected.min()).item()
         assert (got - expected).abs().max().item() < 1e-5 * span, (model_name, setting, options)
         # the quantized modules are back, and the model computes as before
@@ -196,6 +198,7 @@ def test_export_form_matches_reference_in_pytorch():
         assert not any(isinstance(m, ExportLinear) for m in model.modules())
         assert torch.equal(reference_logits(model, pixels)["logits"], expected)
     assert modes >= {"codes", "shifted", "gathered", "float_codes"}
+    assert "float" in float_modes  # the readers of a per-channel LayerNorm grid
 
 
 def test_batch_dimension_is_dynamic(exported):
