@@ -125,6 +125,23 @@ def check_model_path(name: str) -> None:
                        f"because {reason}; check the path (a Hub model is named 'name' or 'owner/name').")
 
 
+def check_quantized_model(name: str, fix: str = "") -> None:
+    """Raise a `CLIError` unless the model `name` (a path or Hub id) is lrpq-quantized, read from its config alone
+    (before any weights are loaded); `fix` ends the message (what to do instead)."""
+    check_model_path(name)
+    from transformers import AutoConfig
+
+    from ..configuration import lrpq_config_of
+
+    try:
+        quantized = lrpq_config_of(AutoConfig.from_pretrained(name)) is not None
+    except Exception as err:
+        raise CLIError(model_error(name, err)) from err
+    if not quantized:
+        raise CLIError(f"{name} is not an lrpq-quantized model (its config.json has no lrpq quantization_config)"
+                       + (f"; {fix}" if fix else "."))
+
+
 def load_model(name: str | None):
     """`AutoModelForImageClassification.from_pretrained(name)`, with load failures as one-line `CLIError`s."""
     name = name or demo_model_dir()

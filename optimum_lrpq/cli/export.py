@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import CLIError, add_quiet_argument, check_model_path, load_model, model_error, one_line
+from .common import CLIError, add_quiet_argument, check_quantized_model, load_model, one_line
 
 FORMATS = ("onnx",)
 DEFAULT_FILE = "model.onnx"
@@ -44,20 +44,10 @@ def run(args) -> int:
     if args.format.lower() not in FORMATS:
         raise CLIError(f"Unsupported export format {args.format!r}; choose one of {', '.join(FORMATS)} (OpenVINO, "
                        "TensorRT and other runtimes read the ONNX model).")
-    check_model_path(args.model)
-    from transformers import AutoConfig
-
-    from ..configuration import lrpq_config_of
+    check_quantized_model(args.model, fix="quantize it first with 'optimum-lrpq quantize'.")
     from ..export import ExportError, export_onnx
     from ..export.onnx_export import check_output_path
 
-    try:
-        quantized = lrpq_config_of(AutoConfig.from_pretrained(args.model)) is not None  # before loading any weights
-    except Exception as err:
-        raise CLIError(model_error(args.model, err)) from err
-    if not quantized:
-        raise CLIError(f"{args.model} is not an lrpq-quantized model (its config.json has no lrpq quantization_config); "
-                       "quantize it first with 'optimum-lrpq quantize'.")
     output = args.output or default_output(args.model)
     try:
         check_output_path(output, args.overwrite)

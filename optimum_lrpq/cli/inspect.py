@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .common import CLIError, add_quiet_argument, check_model_path, format_table, load_model, model_error
+from .common import add_quiet_argument, check_quantized_model, format_table, load_model
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -22,20 +22,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    check_model_path(args.model)
-    from transformers import AutoConfig
-
-    from ..configuration import lrpq_config_of
+    check_quantized_model(args.model)
     from ..integration.model_card import PLOT_NAME, is_hub_id
     from ..reporting.plot import plot_bits_and_relevance
     from ..reporting.summary import bits_summary, ordered_layer_names, weight_layer_names
 
-    try:
-        quantized = lrpq_config_of(AutoConfig.from_pretrained(args.model)) is not None  # before loading any weights
-    except Exception as err:
-        raise CLIError(model_error(args.model, err)) from err
-    if not quantized:
-        raise CLIError(f"{args.model} is not an lrpq-quantized model (its config.json has no lrpq quantization_config).")
     model = load_model(args.model)
     qc = model.config.quantization_config
     relevance = qc.relevance or {}
