@@ -64,6 +64,11 @@ class Block:
     def mlp_linears(self) -> tuple[str, str]:
         return self.fc1, self.fc2
 
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every weight layer of the block: q, k, v, o, fc1, fc2."""
+        return (*self.attention_linears, *self.mlp_linears)
+
 
 @dataclass(frozen=True)
 class ResidualSite:

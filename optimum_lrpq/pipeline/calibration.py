@@ -285,9 +285,8 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
     """
     timings = {} if timings is None else timings
     attach_observers(model, config, len(batches), mlp_hidden_quantizers(model, layout))
-    reconstructed = frozenset(name for block in layout.blocks for name in (*block.attention_linears,
-                                                                           *block.mlp_linears)
-                              ) if config.reconstruction else frozenset()
+    reconstructed = (frozenset(name for block in layout.blocks for name in block.linears) if config.reconstruction
+                     else frozenset())
     moments, handles = (attach_moment_hooks(model, layout, skip=reconstructed) if config.weight_rounding == "gptq"
                         else ({}, []))
     try:

@@ -17,7 +17,6 @@ the blocks already learned.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -69,17 +68,10 @@ class _BlockCall:
     output: torch.Tensor | None = None
 
 
-@dataclass
-class ReconstructionReport:
-    """Per block: its output error (mean squared error / float output's mean square) before and after learning."""
-
-    errors: dict[str, tuple[float, float]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
 def reconstruct_blocks(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches: list[torch.Tensor],
-                       show_progress: bool = True) -> ReconstructionReport:
+                       show_progress: bool = True) -> dict[str, tuple[float, float]]:
     """Learn the rounding and activation steps of every block (see the module doc), then freeze its weights.
+    Returns each block's output error (mean squared error / the float output's mean square) before and after.
 
     The model must be converted and its activation grids set (`calibration.finalize_activation_grids`); its
     block weights are still float. Layers outside the blocks (patch embedding, heads, Swin's reductions) are left
@@ -88,15 +80,14 @@ def reconstruct_blocks(model: nn.Module, layout: ModelLayout, config: LRPQConfig
     if sum(int(b.shape[0]) for b in batches) < 2:
         raise ValueError("Block reconstruction needs at least 2 calibration images (it learns on random subsets of "
                          "them and mixes quantized and float inputs); pass more images, or set reconstruction=None.")
-    start = time.perf_counter()
-    report = ReconstructionReport()
+    errors: dict[str, tuple[float, float]] = {}
     float_weights: dict[PackedWeightLayer, torch.Tensor] = {}  # learned layers -> their float weight
     codes: dict[PackedWeightLayer, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # -> (codes, scale, zp)
     generator = torch.Generator().manual_seed(config.seed)
     bar = tqdm(layout.blocks, desc="Reconstructing blocks", unit="block", disable=not show_progress)
     for block in bar:
         block_module = model.get_submodule(block.module)
-        layers = {name: model.get_submodule(name) for name in (*block.attention_linears, *block.mlp_linears)}
+        layers = {name: model.get_submodule(name) for name in block.linears}
         layers = {n: m for n, m in layers.items() if isinstance(m, PackedWeightLayer) and not m.is_frozen}
         if not layers:  # kept float (`modules_to_not_convert`): nothing to learn
             continue
@@ -106,7 +97,7 @@ def reconstruct_blocks(model: nn.Module, layout: ModelLayout, config: LRPQConfig
             quantized = _capture(model, block_module, batches, with_output=False)
         before, after, learned = _learn_block(block.module, block_module, layers, reference, quantized, config,
                                               generator)
-        report.errors[block.module] = (before, after)
+        errors[block.module] = (before, after)
         bar.set_postfix(error=f"{before:.3g}->{after:.3g}")
         del reference, quantized
         for layer, item in learned.items():
@@ -116,10 +107,9 @@ def reconstruct_blocks(model: nn.Module, layout: ModelLayout, config: LRPQConfig
             codes[layer] = (item.hard_codes().to(torch.uint8), item.scale, item.zero_point)
     for layer, stored in codes.items():  # frozen only now: until the last block, the float model is replayed
         layer.store_codes(*stored)
-    report.seconds = time.perf_counter() - start
-    logger.info(f"Block reconstruction: {len(layout.blocks)} blocks in {report.seconds:.1f} s; output error "
-                + ", ".join(f"{b:.3g}->{a:.3g}" for b, a in report.errors.values()))
-    return report
+    logger.info("Block reconstruction, output error per block: "
+                + ", ".join(f"{b:.3g}->{a:.3g}" for b, a in errors.values()))
+    return errors
 
 
 @contextmanager
@@ -180,12 +170,10 @@ def _capture(model: nn.Module, block: nn.Module, batches: list[torch.Tensor], wi
 
 @dataclass
 class _LearnedLayer:
-    """One weight layer being learned: w = (lower - zero_point + h(v)) * scale / factors, elementwise."""
+    """One weight layer being learned: w = (lower + h(v) - zero_point) * scale / factors, elementwise."""
 
-    layer: PackedWeightLayer
     lower: torch.Tensor  # lower code of each weight ([out, row]; see `rounding.floor_and_logits`)
     logits: torch.Tensor  # AdaRound's v (learned)
-    offset: torch.Tensor  # lower - zero_point
     step: torch.Tensor  # scale / factors: the float value of one code step of each weight ([out, row])
     scale: torch.Tensor  # [out]
     zero_point: torch.Tensor  # [out]
@@ -200,18 +188,21 @@ class _LearnedLayer:
         factors = layer.input_step_factors()  # the rows carry them; the layer's float weight does not
         if factors is not None:
             step = step / factors.to(rows.device)
-        return cls(layer, lower, logits.requires_grad_(True), lower - zero_point[:, None], step.contiguous(), scale,
-                   zero_point, tuple(layer.weight.shape))
+        return cls(lower, logits.requires_grad_(True), step.contiguous(), scale, zero_point, tuple(layer.weight.shape))
+
+    def _weight(self, codes: torch.Tensor) -> torch.Tensor:
+        return ((codes - self.zero_point[:, None]) * self.step).reshape(self.shape)
 
     def weight(self) -> torch.Tensor:
         """The float weight of the soft codes, as the layer's forward takes it (differentiable in the logits)."""
-        return ((self.offset + rounding.rectified_sigmoid(self.logits)) * self.step).reshape(self.shape)
+        return self._weight(rounding.soft_codes(self.lower, self.logits))
 
     def hard_codes(self) -> torch.Tensor:
+        """The codes rounded as learned; at the start logits, round to nearest."""
         return rounding.hard_codes(self.lower, self.logits.detach())
 
     def hard_weight(self) -> torch.Tensor:
-        return ((self.hard_codes() - self.zero_point[:, None]) * self.step).reshape(self.shape)
+        return self._weight(self.hard_codes())
 
 
 def _learnable_quantizers(block: nn.Module, layers: dict[str, PackedWeightLayer]) -> dict[str, UniformQuantizer]:
@@ -248,22 +239,22 @@ def _learn_block(name: str, block: nn.Module, layers: dict[str, PackedWeightLaye
         out = functional_call(block, overrides, (hidden, *quantized.args), dict(quantized.kwargs))
         return out[0] if isinstance(out, tuple) else out
 
+    images = quantized.hidden.shape[0]
+    batch = min(config.reconstruction_batch_size, images)
+
     def error() -> float:
         """Output error of the hard-rounded block on all calibration images (quantized inputs)."""
         with torch.no_grad():
-            total = sum(float((forward(quantized.hidden[i:i + 8], True) - target[i:i + 8]).pow(2).sum())
-                        for i in range(0, target.shape[0], 8))
+            total = sum(float((forward(quantized.hidden[i:i + batch], True) - target[i:i + batch]).pow(2).sum())
+                        for i in range(0, images, batch))
         return total / target.numel() / target_power
 
-    start_logits = {layer: item.logits.data.clone() for layer, item in learned.items()}
-    _set_nearest(learned)
+    # The start logits reproduce the float weight, and their hard codes are round-to-nearest (h(v) >= 1/2 exactly
+    # where v >= 0): the error to beat.
+    start_logits = {layer: item.logits.detach().clone() for layer, item in learned.items()}
     before = error()
-    for layer, item in learned.items():
-        item.logits.data = start_logits[layer]
     optimizer = torch.optim.Adam([{"params": [i.logits for i in learned.values()], "lr": ROUNDING_LR},
                                   {"params": list(log_steps.values()), "lr": STEP_LR}])
-    images = quantized.hidden.shape[0]
-    batch = min(config.reconstruction_batch_size, images)
     for step in range(steps):
         index = torch.randperm(images, generator=generator)[:batch]
         hidden = quantized.hidden[index]
@@ -285,7 +276,6 @@ def _learn_block(name: str, block: nn.Module, layers: dict[str, PackedWeightLaye
                         "kept nearest rounding and the calibrated steps.")
         for layer, item in learned.items():
             item.logits.data = start_logits[layer]
-        _set_nearest(learned)
         for q in quantizers.values():
             log_steps[q].data.zero_()
         after = before
@@ -293,11 +283,3 @@ def _learn_block(name: str, block: nn.Module, layers: dict[str, PackedWeightLaye
         for q in quantizers.values():
             q.scale.copy_((initial_steps[q] * log_steps[q].exp()).clamp_min(uniform.MIN_SCALE))
     return before, after, learned
-
-
-def _set_nearest(learned: dict[PackedWeightLayer, _LearnedLayer]) -> None:
-    """Logits that make the hard rounding round to nearest (the soft value is then near the hard one)."""
-    for item in learned.values():
-        fraction = rounding.rectified_sigmoid(item.logits.detach())
-        item.logits.data = torch.where(fraction >= 0.5, rounding.PINNED_LOGIT, -rounding.PINNED_LOGIT).to(
-            item.logits.dtype)

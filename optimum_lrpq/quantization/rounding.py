@@ -8,6 +8,8 @@ rounding equals the soft one that was optimised.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Stretch of the rectified sigmoid (AdaRound's zeta, gamma): h reaches exactly 0 and 1 at finite logits.
@@ -60,4 +62,4 @@ def annealed_beta(progress: float, start: float = 20.0, end: float = 2.0, warmup
     if progress < warmup:
         return None
     t = (progress - warmup) / (1.0 - warmup)
-    return end + 0.5 * (start - end) * (1.0 + torch.cos(torch.tensor(t * torch.pi)).item())
+    return end + 0.5 * (start - end) * (1.0 + math.cos(t * math.pi))
