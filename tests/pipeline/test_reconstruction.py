@@ -121,3 +121,21 @@ def test_blocks_kept_float_are_skipped(block_errors):
     model = _quantize(modules_to_not_convert=["vit.layers.0"], reconstruction_steps=2)
     assert len(block_errors) == 1
     assert not any(isinstance(m, PackedWeightLayer) for m in model.vit.layers[0].modules())
+
+
+def test_a_block_with_a_per_image_argument_is_refused():
+    class Gate(torch.nn.Module):
+        def forward(self, hidden, mask):
+            return hidden * mask
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Gate()
+
+        def forward(self, pixel_values):
+            return self.block(pixel_values, torch.ones_like(pixel_values))
+
+    toy = Toy()
+    with pytest.raises(NotImplementedError, match="per-image tensor argument. Set reconstruction=None"):
+        reconstruction._capture(toy, toy.block, [torch.ones(2, 3)], with_output=False)
