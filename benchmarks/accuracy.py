@@ -171,6 +171,11 @@ ROWS: list[Row] = [
     lrpq(4, 4, activation_range="percentile_mse", quick=True),
     lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),
     lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_b"),
+    # block reconstruction (AdaRound weight rounding + LSQ steps per block; minutes, not seconds)
+    lrpq(4, 4, reconstruction="block"),
+    lrpq(3, 3, reconstruction="block"),
+    lrpq(4, 4, mixed_precision=True, reconstruction="block"),
+    lrpq(3, 3, mixed_precision=True, reconstruction="block"),
 ]
 
 # ------------------------------------------------------------------------------------------------- methods
@@ -352,6 +357,17 @@ def environment() -> str:
             + ", ".join(versions))
 
 
+def peak_memory() -> str:
+    """The process's peak resident memory so far (it only grows: a row's own peak when it is the first row run or
+    the largest)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return "peak memory n/a"
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return f"peak RSS so far {peak_kib / 1024:.0f} MiB"
+
+
 def _write_markdown(path: Path | None, lines: list[str]) -> None:
     """Write the Markdown tables (also after every row, so that an interrupted run leaves its partial results)."""
     if path is not None:
@@ -405,7 +421,8 @@ def main() -> None:
             results.append(result)
             acc = f"{result.accuracy:.1f}%" if result.accuracy is not None else f"n/a ({result.error})"
             print(f"  {row.bits} {row.method} {row.description}: {acc} "
-                  f"({result.quantize_seconds + result.eval_seconds:.0f} s)", file=sys.stderr, flush=True)
+                  f"({result.quantize_seconds + result.eval_seconds:.0f} s; {peak_memory()})", file=sys.stderr,
+                  flush=True)
             _write_markdown(args.markdown, [*markdown, "", f"### {title}", "", *table_lines(results, markdown=True),
                                             "", "(partial: run in progress)"])
         print("\n".join(table_lines(results, markdown=False)), flush=True)

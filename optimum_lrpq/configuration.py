@@ -109,8 +109,10 @@ class LRPQConfig(QuantizationConfigMixin):
             output on the calibration images (BRECQ / QDrop block reconstruction; `pipeline.reconstruction`). The
             block weights are then rounded as learned (`weight_rounding` still rounds the layers outside the blocks).
             Costs `reconstruction_steps` forward + backward passes of each block on `reconstruction_batch_size`
-            images; same checkpoint format.
-        reconstruction_steps: optimisation steps per block.
+            images; same checkpoint format. Real DINOv2-S W4A4, one calibration draw, 2-core CPU: 68.6 % without,
+            82.3 % with 500 steps per block (quantize 9 min instead of 27 s; benchmarks/README.md).
+        reconstruction_steps: optimisation steps per block (default 500; 100 gave 74.2 % and 1000 83.8 % in the
+            measurement above).
         reconstruction_batch_size: images per reconstruction step.
         reconstruction_drop: QDrop's probability that an element of a block's input is the float model's instead of
             the quantized model's (0: always the quantized input).
@@ -208,7 +210,7 @@ class LRPQConfig(QuantizationConfigMixin):
         mlp_hidden_range: str = "percentile_mse",
         weight_rounding: str = "gptq",
         reconstruction: str | None = None,
-        reconstruction_steps: int = 100,
+        reconstruction_steps: int = 500,
         reconstruction_batch_size: int = 8,
         reconstruction_drop: float = 0.5,
         reparameterize: bool = True,

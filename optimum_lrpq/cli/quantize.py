@@ -87,7 +87,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="block: after calibration, learn each transformer block's weight rounding and activation "
                    "steps to reproduce the float block's output (slower; default: off)")
     q.add_argument("--reconstruction-steps", type=int, metavar="N",
-                   help="optimisation steps per block with --reconstruction (default: 100)")
+                   help="optimisation steps per block with --reconstruction (default: 500)")
     q.add_argument("--calibration-batch-size", type=int, metavar="N",
                    help="images per calibration forward pass (default: 8)")
     add_device_argument(q, "quantize")
