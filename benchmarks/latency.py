@@ -476,19 +476,20 @@ def _export_onnx(name: str, checkpoint: Path, target: Path, setting: str, log: l
     from transformers import AutoModelForImageClassification
 
     import optimum_lrpq
+    import optimum_lrpq.export
     from optimum_lrpq import export_onnx
 
     stamp_path = target.with_name(target.name + ".stamp.json")
-    import optimum_lrpq.export
-
     # the export code itself, so that a changed export is redone
     code = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(
         Path(optimum_lrpq.export.__file__).parent.glob("*.py")))).hexdigest()[:16]
     stamp = {"checkpoint": json.loads((checkpoint / "latency-stamp.json").read_text()),
              "optimum_lrpq": optimum_lrpq.__version__, "export_code": code}
-    if target.exists() and stamp_path.exists() and json.loads(stamp_path.read_text())["stamp"] == stamp:
-        log.append(f"lrpq {setting}: ONNX export reused")
-        return target, json.loads(stamp_path.read_text())["notes"]
+    if target.exists() and stamp_path.exists():
+        previous = json.loads(stamp_path.read_text())
+        if previous["stamp"] == stamp:
+            log.append(f"lrpq {setting}: ONNX export reused")
+            return target, previous["notes"]
     model = AutoModelForImageClassification.from_pretrained(checkpoint).eval()
     start = time.perf_counter()
     result = export_onnx(model, target, overwrite=True)

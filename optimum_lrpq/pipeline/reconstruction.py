@@ -209,7 +209,7 @@ def _learnable_quantizers(block: nn.Module, layers: dict[str, PackedWeightLayer]
     """The block's uniform activation quantizers whose steps are learned: all but the per-channel inputs whose steps
     the consumer's weight columns carry (`input_step_levels`), which must stay as the weights were rounded for."""
     tied = {id(layer.input_quant) for layer in layers.values()
-            if getattr(layer, "input_quant", None) is not None and layer.input_step_levels}
+            if getattr(layer, "input_quant", None) is not None and layer.input_step_levels is not None}
     return {name: m for name, m in block.named_modules()
             if isinstance(m, UniformQuantizer) and id(m) not in tied and m.observer is None}
 

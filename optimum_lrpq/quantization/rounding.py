@@ -14,6 +14,8 @@ import torch
 
 # Stretch of the rectified sigmoid (AdaRound's zeta, gamma): h reaches exactly 0 and 1 at finite logits.
 ZETA, GAMMA = 1.1, -0.1
+# |v| beyond which h(v) is exactly 0 or 1 (sigmoid(v) * 1.2 - 0.1 leaves [0, 1] at |v| = ln 11 ≈ 2.4).
+PINNED_LOGIT = 8.0
 
 
 def rectified_sigmoid(logits: torch.Tensor) -> torch.Tensor:
@@ -35,10 +37,6 @@ def floor_and_logits(rows: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     logits = -torch.log((ZETA - GAMMA) / (fraction - GAMMA) - 1.0)
     logits = torch.where(t < 0, -PINNED_LOGIT, torch.where(t > qmax, PINNED_LOGIT, logits))
     return lower, logits
-
-
-# |v| beyond which h(v) is exactly 0 or 1 (sigmoid(v) * 1.2 - 0.1 leaves [0, 1] at |v| = ln 11 ≈ 2.4).
-PINNED_LOGIT = 8.0
 
 
 def soft_codes(lower: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
