@@ -255,6 +255,17 @@ def test_input_codes_are_the_reference_codes(block_elements, monkeypatch):
                        uniform.quantize(x, scales, zero_points, 8).to(torch.uint8))
 
 
+@pytest.mark.parametrize("columns", [1, 3, 768, 3072])
+def test_code_sums_are_exact(columns, monkeypatch):
+    # the rank-1 term of 8-bit weight rows reads these sums: oneDNN's GEMM against ones, exactly the integer sums
+    codes = torch.randint(0, 256, (37, columns), dtype=torch.uint8, generator=torch.Generator().manual_seed(columns))
+    codes[0] = 255  # the largest sum of the width
+    expected = codes.sum(dim=1, dtype=torch.int64)
+    assert torch.equal(onednn._CODE_SUMS(codes).to(torch.int64), expected)
+    monkeypatch.setattr(onednn._CodeSums, "MAX_COLUMNS", 0)  # wider than oneDNN's exact range: the widening sum
+    assert torch.equal(onednn._CODE_SUMS(codes).to(torch.int64), expected)
+
+
 def test_compiled_input_quantization_is_bit_identical(monkeypatch):
     monkeypatch.setattr(onednn, "COMPILE_QUANTIZE", True)
     scale, zero_point = torch.tensor([0.0173]), torch.tensor([100.37])
