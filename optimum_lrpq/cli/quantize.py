@@ -40,6 +40,7 @@ FLAG_FIELDS = {
     "weight_bits": "weight_bits",
     "activation_bits": "activation_bits",
     "mixed_precision": "mixed_precision",
+    "uniform_fallback": "uniform_fallback",
     "num_samples": "num_calibration_samples",
     "relevance_target": "relevance_target",
     "allocation": "allocation",
@@ -75,6 +76,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="activation bits, 2-8; the average budget with --mixed-precision (default: 4)")
     q.add_argument("--mixed-precision", action=argparse.BooleanOptionalAction, default=None,
                    help="choose bits per layer from LRP relevance under the budgets above (default: off)")
+    q.add_argument("--uniform-fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --mixed-precision: keep uniform bits when they measure closer to the float model on "
+                   "the calibration images than the allocation (default: on)")
     q.add_argument("--allocation", choices=ALLOCATIONS,
                    help="how mixed precision picks the bits: LRP relevance (lrp, the method), relevance times "
                    "measured sensitivity (lrp_sensitivity), or a baseline (default: lrp)")

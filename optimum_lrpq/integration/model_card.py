@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..configuration import require_lrpq_config
+from ..models import get_adapter
 from ..reporting.summary import bits_summary, ordered_layer_names, weight_layer_names
 from ..version import __version__
 
@@ -83,7 +84,10 @@ def render_model_card(
         base_model = config.base_model or getattr(model.config, "_name_or_path", None) or None
     summary = bits_summary(model)
     architecture = type(model).__name__
-    mode = "mixed precision" if config.mixed_precision else "uniform"
+    # mixed precision requested, but every layer has the same bits (e.g. `uniform_fallback`): say what it is
+    same_bits = config.mixed_precision and _all_equal_bits(model, layer_bits)
+    mixed = config.mixed_precision and not same_bits
+    mode = "mixed precision" if mixed else "uniform"
     title = f"{repo_id.split('/')[-1] if repo_id else architecture} (LRP-QViT W{config.weight_bits}/A{config.activation_bits}, {mode})"
 
     all_tags = list(dict.fromkeys([*MODEL_TAGS, *(tags or [])]))
@@ -100,8 +104,10 @@ def render_model_card(
     budget = (
         f"average of **{config.weight_bits} bits** per weight (parameter-weighted) and **{config.activation_bits} "
         f"bits** per activation (MAC-weighted), distributed over the layers by LRP relevance"
-        if config.mixed_precision
+        if mixed
         else f"**{config.weight_bits}-bit** weights and **{config.activation_bits}-bit** activations in every layer"
+        + (" (mixed precision was asked for; the allocation kept the same bits in every layer, e.g. because they "
+           "measured closer to the float model on the calibration images: `uniform_fallback`)" if same_bits else "")
     )
     lines = front + [
         "",
@@ -237,3 +243,10 @@ def _fold_text(config) -> str:
     if strength == 1.0:
         return "reparameterized into a per-tensor quantizer"
     return f"partially reparameterized into a per-tensor quantizer (fold strength {strength:g})"
+
+
+def _all_equal_bits(model, layer_bits: dict[str, dict[str, int]]) -> bool:
+    """Whether every weight layer but the patch embedding has the same (weight, activation) bits."""
+    patch_embedding = get_adapter(model).layout(model).patch_embedding
+    return len({(entry["weight"], entry.get("activation")) for name, entry in layer_bits.items()
+                if "weight" in entry and name != patch_embedding}) <= 1

@@ -42,6 +42,8 @@ class LRPQuantizer:
         self.layer_bits: dict[str, dict[str, int]] | None = None
         # Seconds per pipeline stage of the last `quantize_model` call (relevance, allocation, calibration, ...).
         self.timings: dict[str, float] = {}
+        # `uniform_fallback`: mean KL of the logits of the allocation and of uniform bits on the calibration images.
+        self.uniform_check: dict[str, float] | None = None
 
     def quantize_model(
         self,
@@ -64,10 +66,11 @@ class LRPQuantizer:
             image_column: the dataset's image column, if it cannot be found automatically.
             show_progress: show tqdm progress bars.
         """
-        self.timings = {}
+        self.timings, self.uniform_check = {}, None
         result = quantize(model, calibration_data, self.config, image_processor=image_processor,
                           image_column=image_column, show_progress=show_progress)
         self.relevance, self.sensitivity, self.timings = result.relevance, result.sensitivity, result.timings
+        self.uniform_check = result.uniform_check
         self.layer_bits = result.layer_bits
         mark_quantized(model, result.config, LRPQHfQuantizer(result.config, pre_quantized=True))
         return model

@@ -26,7 +26,7 @@ from ..relevance import compute_relevance
 from .calibration import calibrate
 from .calibration_data import CalibrationSet, prepare_calibration_data
 from .conversion import convert_model, plan_layer_bits, restore_model
-from .mixed_precision import choose_layer_bits, unit_sensitivity
+from .mixed_precision import choose_layer_bits, compare_with_uniform, prefers_uniform, unit_sensitivity
 from .placement import onload
 
 logger = logging.get_logger(__name__)
@@ -40,8 +40,10 @@ class QuantizationResult:
     relevance: dict[str, float] | None = None
     # Mix-QViT sensitivity (unit -> {bits: loss increase}), for the sensitivity allocations.
     sensitivity: dict[str, dict[int, float]] | None = None
-    # Seconds per stage (relevance, sensitivity, allocation, calibration stages).
+    # Seconds per stage (relevance, sensitivity, allocation, uniform check, calibration stages).
     timings: dict[str, float] = field(default_factory=dict)
+    # `uniform_fallback`: mean KL of the logits on the calibration images, {"allocation": ..., "uniform": ...}.
+    uniform_check: dict[str, float] | None = None
 
     @property
     def layer_bits(self) -> dict[str, dict[str, int]]:
@@ -122,6 +124,20 @@ def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet,
         result.sensitivity = unit_sensitivity(model, layout, config, bits, calibration, show_progress)
         result.timings["sensitivity"] = time.perf_counter() - start
     start = time.perf_counter()
-    bits = choose_layer_bits(model, layout, config, bits, calibration, result.relevance, result.sensitivity)
+    uniform = bits
+    bits = choose_layer_bits(model, layout, config, uniform, calibration, result.relevance, result.sensitivity)
     result.timings["allocation"] = time.perf_counter() - start
+    if config.uniform_fallback and bits != uniform:
+        start = time.perf_counter()
+        result.uniform_check = compare_with_uniform(model, layout, config, bits, uniform, calibration)
+        result.timings["uniform_check"] = time.perf_counter() - start
+        allocation_kl, uniform_kl = result.uniform_check["allocation"], result.uniform_check["uniform"]
+        if prefers_uniform(result.uniform_check):
+            logger.warning(
+                f"Mixed precision: the {config.allocation!r} allocation diverges clearly more from the float model "
+                f"on the calibration images (mean KL of the logits {allocation_kl:.4g}) than uniform "
+                f"W{config.weight_bits}A{config.activation_bits} ({uniform_kl:.4g}); keeping uniform bits. Pass "
+                "uniform_fallback=False to keep the allocation."
+            )
+            return uniform
     return bits

@@ -25,6 +25,7 @@ on 1 CPU thread at W4A4 (8 images): DINOv2-S at 112 px 108 s = 406 float forward
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -79,6 +80,57 @@ def _logits(output) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
 
+def calibration_only(config: LRPQConfig) -> LRPQConfig:
+    """`config` without block reconstruction: trial quantizations are calibrated only (seconds, not minutes)."""
+    if config.reconstruction is None:
+        return config
+    config = copy.copy(config)
+    config.reconstruction = None
+    return config
+
+
+@contextlib.contextmanager
+def trial_mode(model: nn.Module, batches: list[torch.Tensor]):
+    """Put the float `model` in eval mode with the lrpq attention function (eager; quantizers only where attached)
+    for trial quantizations; yields the batches on the model's device and dtype and the float logits of each.
+    Restores the attention implementation and the training flag on exit. The calibration's warnings (e.g. too
+    few tokens for per-channel ranges) are held back meanwhile: the real calibration gives them once."""
+    device, dtype = model_device_and_dtype(model)
+    batches = [b.to(device=device, dtype=dtype) for b in batches]
+    previous_attention = model.config._attn_implementation
+    was_training = model.training
+    calibration_logger = logging.get_logger(calibrate.__module__)
+    previous_level = calibration_logger.level
+    model.eval()
+    model.set_attn_implementation(ATTENTION_KEY)
+    calibration_logger.setLevel(logging.ERROR)
+    try:
+        with torch.no_grad():
+            reference = [_logits(model(pixel_values=b)).float() for b in batches]
+        yield batches, reference
+    finally:
+        calibration_logger.setLevel(previous_level)
+        model.set_attn_implementation(previous_attention)
+        model.train(was_training)
+
+
+@torch.no_grad()
+def trial_loss(model: nn.Module, layout: ModelLayout, config: LRPQConfig, layer_bits: dict[str, dict[str, int]],
+               batches: list[torch.Tensor], reference: list[torch.Tensor], metric: str) -> float:
+    """Mean per-image `logit_loss` against the float `reference` logits of `model` quantized with `layer_bits`
+    (converted, calibrated on `batches`, evaluated, then restored: the float model is unchanged on return).
+
+    Run it inside `trial_mode`."""
+    replaced = convert_model(model, layout, layer_bits, config, skeleton=False)
+    try:
+        calibrate(model, layout, config, batches, show_progress=False)
+        total = sum(float(logit_loss(_logits(model(pixel_values=b)).float(), ref, metric).sum())
+                    for b, ref in zip(batches, reference, strict=True))
+    finally:
+        restore_model(model, replaced)
+    return total / sum(b.shape[0] for b in batches)
+
+
 @torch.no_grad()
 def measure_sensitivity(
     model: nn.Module,
@@ -108,34 +160,15 @@ def measure_sensitivity(
     _check_metric(metric)  # before any work
     if not batches:
         raise ValueError("measure_sensitivity needs at least one batch of images.")
-    if config.reconstruction is not None:  # a unit's sensitivity is measured with calibration alone (per-unit
-        config = copy.copy(config)          # reconstruction would cost minutes per job)
-        config.reconstruction = None
-    device, dtype = model_device_and_dtype(model)
-    batches = [b.to(device=device, dtype=dtype) for b in batches]
-    count = sum(b.shape[0] for b in batches)
-    previous_attention = model.config._attn_implementation
-    was_training = model.training
-    model.eval()
-    model.set_attn_implementation(ATTENTION_KEY)  # eager attention; quantizers only where attached
+    config = calibration_only(config)  # per-unit reconstruction would cost minutes per job
     raw: dict[str, dict[int, float]] = {unit.name: {} for unit in units}
-    try:
-        reference = [_logits(model(pixel_values=b)).float() for b in batches]
+    with trial_mode(model, batches) as (images, reference):
         jobs = [(unit, bits) for unit in units for bits in sorted(set(candidate_bits))]
         for unit, bits in tqdm(jobs, desc="Sensitivity", unit="config", disable=not show_progress):
-            replaced = convert_model(model, layout, unit_layer_bits(unit, layout, uniform_bits, bits, bits), config,
-                                     skeleton=False)
-            try:
-                calibrate(model, layout, config, batches, show_progress=False)
-                total = sum(float(logit_loss(_logits(model(pixel_values=b)).float(), ref, metric).sum())
-                            for b, ref in zip(batches, reference, strict=True))
-            finally:
-                restore_model(model, replaced)
-            if not math.isfinite(total):
+            loss = trial_loss(model, layout, config, unit_layer_bits(unit, layout, uniform_bits, bits, bits),
+                              images, reference, metric)
+            if not math.isfinite(loss):
                 logger.warning(f"Quantizing {unit.name} alone at {bits} bits gives non-finite logits; its "
                                f"sensitivity at {bits} bits is set to {NON_FINITE_LOSS:g}.")
-            raw[unit.name][bits] = total / count
-    finally:
-        model.set_attn_implementation(previous_attention)
-        model.train(was_training)
+            raw[unit.name][bits] = loss
     return {name: monotone_table(row) for name, row in raw.items()}

@@ -105,13 +105,13 @@ def test_flags_override_the_config_file(local, tmp_path):
 def test_common_flags_reach_the_config(local, tmp_path):
     out = tmp_path / "out"
     assert cli.main(["quantize", local["model"], "--dataset", local["data"], "--num-samples", "4",
-                     "--mixed-precision", "--allocation", "magnitude", "--weight-rounding", "nearest",
-                     "--reconstruction", "block", "--reconstruction-steps", "2",
+                     "--mixed-precision", "--no-uniform-fallback", "--allocation", "magnitude",
+                     "--weight-rounding", "nearest", "--reconstruction", "block", "--reconstruction-steps", "2",
                      "--calibration-batch-size", "3", "--device", "cpu", "--output", str(out), "--quiet"]) == 0
     saved = saved_config(out)
     assert (saved["mixed_precision"], saved["allocation"], saved["weight_rounding"], saved["calibration_batch_size"],
             saved["num_calibration_samples"]) == (True, "magnitude", "nearest", 3, 4)
-    assert (saved["reconstruction"], saved["reconstruction_steps"]) == ("block", 2)
+    assert (saved["reconstruction"], saved["reconstruction_steps"], saved["uniform_fallback"]) == ("block", 2, False)
     assert saved["relevance"] is None  # the magnitude baseline computes no relevance
 
 

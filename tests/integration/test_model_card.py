@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from huggingface_hub import ModelCard
 from local_files import single_thread  # noqa: F401
@@ -10,14 +12,31 @@ from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.integration.model_card import is_hub_id, render_model_card, write_model_card
+from optimum_lrpq.pipeline import run
 from optimum_lrpq.reporting.summary import bits_summary
 
 
 @pytest.fixture(scope="module")
 def qmodel():
     model = build("vit")
-    config = LRPQConfig(weight_bits=4, activation_bits=4, mixed_precision=True)
+    config = LRPQConfig(weight_bits=4, activation_bits=4, mixed_precision=True, uniform_fallback=False)
     return LRPQuantizer(config).quantize_model(model, pixels(8), show_progress=False)
+
+
+def test_card_of_a_mixed_run_that_kept_uniform_bits(monkeypatch, caplog):
+    # the allocation measured worse than uniform bits on the calibration images: the model is uniform, and says so
+    monkeypatch.setattr(run, "compare_with_uniform", lambda *args: {"allocation": 0.2, "uniform": 0.1})
+    with caplog.at_level(logging.WARNING, logger="optimum_lrpq"):
+        model = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=4, mixed_precision=True)).quantize_model(
+            build("vit"), pixels(8), show_progress=False)
+    assert "diverges clearly more from the float model on the calibration images (mean KL of the logits 0.2) than " \
+           "uniform W4A4 (0.1); keeping uniform bits" in caplog.text
+    bits = model.config.quantization_config.layer_bits
+    assert {(e.get("weight", 4), e["activation"]) for n, e in bits.items() if n.startswith("vit.layers")} == {(4, 4)}
+    text = render_model_card(model)
+    assert "(LRP-QViT W4/A4, uniform)" in text and "**4-bit** weights and **4-bit** activations in every layer" in text
+    assert "mixed precision was asked for; the allocation kept the same bits in every layer" in text
+    assert "distributed over the layers by LRP relevance" not in text
 
 
 def test_card_content(qmodel, tmp_path):

@@ -180,7 +180,8 @@ def test_auto_softmax_quantizer_is_log_below_7_bits_uniform_from_7(bits, expecte
 
 def test_auto_softmax_quantizer_follows_each_attentions_bits_in_mixed_precision():
     model = build("vit")
-    config = LRPQConfig(weight_bits=6, activation_bits=6, mixed_precision=True, candidate_bits=[4, 8])
+    config = LRPQConfig(weight_bits=6, activation_bits=6, mixed_precision=True, candidate_bits=[4, 8],
+                        uniform_fallback=False)
     qmodel = LRPQuantizer(config).quantize_model(model, pixels(16), show_progress=False)
     layer_bits = qmodel.config.quantization_config.layer_bits
     for index in range(2):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.models import get_adapter
-from optimum_lrpq.pipeline.mixed_precision import layer_macs
+from optimum_lrpq.pipeline.mixed_precision import UNIFORM_FALLBACK_RATIO, layer_macs, prefers_uniform
+from optimum_lrpq.pipeline.sensitivity import logit_loss
 from optimum_lrpq.pipeline.units import allocation_units
 
 
@@ -20,7 +22,9 @@ def quantize(name="vit", **options):
     layout = get_adapter(model).layout(model)
     macs = layer_macs(model, [n for n in layout.weight_layers() if n != layout.patch_embedding], pixels(1))
     sizes = {n: model.get_submodule(n).weight.numel() for n in macs}
-    quantizer = LRPQuantizer(LRPQConfig(mixed_precision=True, **{"weight_bits": 4, "activation_bits": 4, **options}))
+    # the allocation itself, not the uniform fallback (tested below), unless a test asks for it
+    defaults = {"weight_bits": 4, "activation_bits": 4, "uniform_fallback": False}
+    quantizer = LRPQuantizer(LRPQConfig(mixed_precision=True, **{**defaults, **options}))
     quantizer.quantize_model(model, pixels(8), show_progress=False)
     return model, quantizer, layout, sizes, macs
 
@@ -139,3 +143,55 @@ def test_calibration_subset_keeps_batches_and_labels():
 def test_num_relevance_samples_must_be_a_positive_integer(value):
     with pytest.raises(ValueError, match="num_relevance_samples"):
         LRPQConfig(num_relevance_samples=value)
+
+
+def _kl_on(model, images, reference):
+    quantized = logits(model, images)
+    return float(logit_loss(quantized, reference, "kl").mean())
+
+
+@pytest.mark.parametrize("budget", [4, 6])
+def test_uniform_fallback_keeps_the_plan_closer_to_the_float_model(budget, caplog):
+    images = pixels(8)
+    reference = logits(build("vit"), images)
+    with caplog.at_level(logging.WARNING, logger="optimum_lrpq"):
+        model, quantizer, *_ = quantize("vit", weight_bits=budget, activation_bits=budget,
+                                        uniform_fallback=True)
+    check = quantizer.uniform_check
+    # the two trial measurements are those of real quantizations of the float model with each plan
+    uniform_model = LRPQuantizer(LRPQConfig(weight_bits=budget, activation_bits=budget)).quantize_model(
+        build("vit"), images, show_progress=False)
+    assert check["uniform"] == pytest.approx(_kl_on(uniform_model, images, reference), rel=1e-5, abs=1e-12)
+    allocation_model = LRPQuantizer(LRPQConfig(
+        weight_bits=budget, activation_bits=budget, mixed_precision=True, uniform_fallback=False)).quantize_model(
+        build("vit"), images, show_progress=False)
+    assert check["allocation"] == pytest.approx(_kl_on(allocation_model, images, reference), rel=1e-5, abs=1e-12)
+    bits = model.config.quantization_config.layer_bits
+    uniform_bits = uniform_model.config.quantization_config.layer_bits
+    if check["uniform"] < UNIFORM_FALLBACK_RATIO * check["allocation"]:
+        assert bits == uniform_bits
+        assert "keeping uniform bits" in caplog.text and "uniform_fallback=False" in caplog.text
+    else:
+        assert bits == allocation_model.config.quantization_config.layer_bits != uniform_bits
+        assert "keeping uniform bits" not in caplog.text
+    assert "uniform_check" in quantizer.timings
+
+
+def test_uniform_fallback_is_skipped_when_the_allocation_is_uniform():
+    _, quantizer, *_ = quantize("vit", allocation="uniform", uniform_fallback=True)
+    assert quantizer.uniform_check is None and "uniform_check" not in quantizer.timings
+
+
+def test_uniform_fallback_must_be_a_bool():
+    with pytest.raises(ValueError, match="uniform_fallback must be True or False"):
+        LRPQConfig(mixed_precision=True, uniform_fallback="yes")
+
+
+@pytest.mark.parametrize(("allocation_kl", "uniform_kl", "expected"), [
+    (0.12, 0.06, True),   # uniform clearly closer (the real-weight DeiT at W6A6)
+    (0.99, 0.94, False),  # within the calibration images' noise (the real-weight DeiT at W4A4)
+    (0.10, 0.20, False),  # the allocation closer
+    (0.0, 0.0, False),    # both exact: keep the allocation
+])
+def test_fallback_needs_uniform_clearly_closer(allocation_kl, uniform_kl, expected):
+    assert prefers_uniform({"allocation": allocation_kl, "uniform": uniform_kl}) is expected

@@ -127,7 +127,7 @@ def test_sensitivity_allocations_end_to_end(name, allocation):
     model = build(name)
     layout = get_adapter(model).layout(model)
     quantizer = LRPQuantizer(LRPQConfig(mixed_precision=True, allocation=allocation, num_sensitivity_samples=3,
-                                        calibration_batch_size=2))
+                                        calibration_batch_size=2, uniform_fallback=False))
     quantizer.quantize_model(model, pixels(8), show_progress=False)
     bits = model.config.quantization_config.layer_bits
     w, a = _averages(model, layout, bits)
