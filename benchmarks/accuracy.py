@@ -117,6 +117,9 @@ ROWS: list[Row] = [
     lrpq(4, 4, mixed_precision=True, allocation="magnitude"),
     lrpq(3, 3, mixed_precision=True),
     lrpq(3, 3),
+    # the allocation kept whatever it measures on the calibration images (no fallback to uniform bits)
+    lrpq(6, 6, mixed_precision=True, uniform_fallback=False),
+    lrpq(4, 4, mixed_precision=True, uniform_fallback=False),
     # Mix-QViT: relevance x measured per-unit sensitivity, and the measured sensitivity alone
     lrpq(6, 6, mixed_precision=True, allocation="lrp_sensitivity"),
     lrpq(6, 6, mixed_precision=True, allocation="sensitivity"),
