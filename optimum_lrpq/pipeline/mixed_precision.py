@@ -164,7 +164,8 @@ def compare_with_uniform(model: nn.Module, layout: ModelLayout, config: LRPQConf
     allocation `layer_bits` and for uniform bits: ``{"allocation": kl, "uniform": kl}`` (`uniform_fallback`).
 
     Each plan is quantized on a converted copy of the layers (calibration only, no reconstruction) and then removed:
-    the float `model` is unchanged on return. Costs two calibrations and three forward passes of the images."""
+    the float `model` is unchanged on return. Costs two calibrations plus three forward passes of the images (the
+    float logits, then each plan's)."""
     trial_config = calibration_only(config)
     with trial_mode(model, calibration.batches) as (images, reference):
         return {label: trial_loss(model, layout, trial_config, bits, images, reference, "kl")
