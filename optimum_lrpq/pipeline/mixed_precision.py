@@ -145,10 +145,10 @@ def _expand(allocation, units: list[Unit], layout: ModelLayout, uniform_bits) ->
     return bits
 
 
-# `uniform_fallback` keeps uniform bits only when their calibration KL is below this share of the allocation's. On the
-# benchmark models the KL of 32 calibration images separated two regimes: the real-weight DeiT at W6A6, where uniform
-# bits won on the test digits in every draw, at 0.45-0.58 of the allocation's KL; and draws within ~5 % of each
-# other either way (DeiT W4A4, where the allocation won by 7.5 points at a ratio of 0.95).
+# `uniform_fallback` keeps uniform bits only when their calibration KL is below this share of the allocation's: on
+# the real-weight DeiT at W6A6, where uniform bits won on the test digits in every draw, the ratio was 0.45-0.58; in
+# a DeiT W4A4 draw at 0.95 the allocation won by 7.5 points (a heuristic margin from these few draws, see
+# benchmarks/README.md; on the demo's tiny ViT a ratio of 0.45 went with a 0.2-point loss).
 UNIFORM_FALLBACK_RATIO = 2 / 3
 
 
