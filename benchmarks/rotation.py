@@ -1,4 +1,4 @@
-"""Does an orthogonal rotation help lrpq at 4-bit activations? A measurement on the DINOv2-S benchmark model.
+"""Does an orthogonal rotation help lrpq at 4-bit activations? A measurement on the real-weight benchmark models.
 
 Two rotations, both exact in float (the rotated float model gives the same logits to ~1e-6 relative, printed):
 
@@ -17,6 +17,7 @@ quantized with `LRPQConfig(weight_bits, activation_bits, seed)` (library default
 first 1000 zoo test digits, one calibration draw per seed, next to the unrotated model.
 
     python benchmarks/rotation.py --variants none residual:hadamard+mean fc2:hadamard+mean --seeds 0 1 2
+    python benchmarks/rotation.py --model deit_dinov2 --variants none fc2:hadamard+mean    # fc2 only for DeiT
 
 Not a test: minutes per variant and seed (each row quantizes DINOv2-S once).
 """
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import zoo
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
+from optimum_lrpq.models import get_adapter
 
 
 def hadamard(n: int) -> torch.Tensor:
@@ -127,18 +129,22 @@ class RotatedActivation(nn.Module):
 
 @torch.no_grad()
 def rotate_fc2_inputs(model: nn.Module, kind: str, seed: int) -> None:
-    for layer in model.dinov2.encoder.layer:
-        q = orthogonal(layer.mlp.fc2.in_features, kind, seed)
-        layer.mlp.activation_fn = RotatedActivation(layer.mlp.activation_fn, q)
-        layer.mlp.fc2.weight.copy_((layer.mlp.fc2.weight.double() @ q).float())
+    """Rotate every block's fc2 input online (any supported architecture: the blocks come from its lrpq layout)."""
+    for block in get_adapter(model).layout(model).blocks:
+        fc2 = model.get_submodule(block.fc2)
+        q = orthogonal(fc2.in_features, kind, seed)
+        model.set_submodule(block.mlp_activation, RotatedActivation(model.get_submodule(block.mlp_activation), q))
+        fc2.weight.copy_((fc2.weight.double() @ q).float())
 
 
-def rotated_model(variant: str, seed: int) -> nn.Module:
-    model = zoo.load_model("dinov2").eval()
+def rotated_model(name: str, variant: str, seed: int) -> nn.Module:
+    model = zoo.load_model(name).eval()
     if variant == "none":
         return model
     where, _, kind = variant.partition(":")
     if where == "residual":
+        if name != "dinov2":
+            raise ValueError("the residual-stream rotation is written for the dinov2 model only")
         rotate_residual_stream(model, orthogonal(model.config.hidden_size, kind, seed))
     elif where == "fc2":
         rotate_fc2_inputs(model, kind, seed)
@@ -149,6 +155,8 @@ def rotated_model(variant: str, seed: int) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["dinov2", "deit_dinov2"], default="dinov2",
+                        help="zoo model (the residual-stream variants need dinov2)")
     parser.add_argument("--variants", nargs="+", default=["none", "residual:hadamard+mean", "fc2:hadamard+mean"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--weight-bits", type=int, default=4)
@@ -156,23 +164,23 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=1000)
     args = parser.parse_args()
     torch.set_num_threads(2)
-    pixel_values, labels = zoo.test_set("dinov2", limit=args.test_images)
-    reference = zoo.load_model("dinov2").eval()
+    pixel_values, labels = zoo.test_set(args.model, limit=args.test_images)
+    reference = zoo.load_model(args.model).eval()
     with torch.no_grad():
         reference_logits = reference(pixel_values=pixel_values[:16]).logits
-    print(f"DINOv2-S, W{args.weight_bits}A{args.activation_bits}, first {args.test_images} test digits, "
+    print(f"{args.model}, W{args.weight_bits}A{args.activation_bits}, first {args.test_images} test digits, "
           f"32 calibration digits per seed")
     for variant in args.variants:
         accuracies = []
         for seed in args.seeds:
-            model = rotated_model(variant, seed)
+            model = rotated_model(args.model, variant, seed)
             with torch.no_grad():
                 logits = model(pixel_values=pixel_values[:16]).logits
             float_error = float((logits - reference_logits).abs().max() / reference_logits.abs().max())
             config = LRPQConfig(weight_bits=args.weight_bits, activation_bits=args.activation_bits, seed=seed)
             start = time.perf_counter()
-            quantized = LRPQuantizer(config).quantize_model(model, zoo.calibration_images("dinov2", 32, seed=seed),
-                                                            show_progress=False)
+            calibration = zoo.calibration_images(args.model, 32, seed=seed)
+            quantized = LRPQuantizer(config).quantize_model(model, calibration, show_progress=False)
             seconds = time.perf_counter() - start
             accuracies.append(zoo.evaluate_accuracy(quantized, pixel_values, labels))
             print(f"  {variant:24s} seed {seed}: top-1 {accuracies[-1]:.1f} %  (rotated float vs float: "
