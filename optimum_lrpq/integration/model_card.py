@@ -248,5 +248,5 @@ def _fold_text(config) -> str:
 def _all_equal_bits(model, layer_bits: dict[str, dict[str, int]]) -> bool:
     """Whether every weight layer but the patch embedding has the same (weight, activation) bits."""
     patch_embedding = get_adapter(model).layout(model).patch_embedding
-    return len({(entry["weight"], entry.get("activation")) for name, entry in layer_bits.items()
-                if "weight" in entry and name != patch_embedding}) <= 1
+    return len({(layer_bits[name]["weight"], layer_bits[name].get("activation"))
+                for name in weight_layer_names(layer_bits) if name != patch_embedding}) <= 1
