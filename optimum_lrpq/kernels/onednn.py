@@ -52,7 +52,6 @@ from typing import Any
 
 import torch
 
-from ..quantization import packing
 from .backend import ActivationGrid, PackedWeight, apply_activation, register_backend
 from .integer import (
     IntegerBackend,
@@ -62,7 +61,7 @@ from .integer import (
     integer_zero_point,
     key_matches,
     packed_codes,
-    row_targets,
+    row_blocks,
     step_blocks,
     tensor_version,
 )
@@ -182,6 +181,7 @@ class _LastCodes:
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._codes: torch.Tensor | None = None
+        self._sums: torch.Tensor | None = None
 
     @staticmethod
     def _key_of(x: torch.Tensor, grid: ActivationGrid, qmax: int) -> tuple:
@@ -194,7 +194,16 @@ class _LastCodes:
         return self._codes
 
     def put(self, x: torch.Tensor, grid: ActivationGrid, qmax: int, codes: torch.Tensor) -> None:
-        self._ref, self._key, self._codes = weakref.ref(x), self._key_of(x, grid, qmax), codes
+        self._ref, self._key, self._codes, self._sums = weakref.ref(x), self._key_of(x, grid, qmax), codes, None
+
+    def row_sums(self, codes: torch.Tensor) -> torch.Tensor:
+        """`_CODE_SUMS(codes)` (not to be modified in place), computed once for the shared codes: q, k and v with
+        8-bit weights each need the same sums."""
+        if codes is not self._codes:
+            return _CODE_SUMS(codes)
+        if self._sums is None:
+            self._sums = _CODE_SUMS(codes)
+        return self._sums
 
 
 _SHARED_CODES = _LastCodes()
@@ -207,9 +216,12 @@ class _CodeSums:
     dtype=torch.int32)` widens the whole [rows, K] matrix first (on a 2-core AVX512-VNNI EPYC: 23 ms for
     6304 x 3072 codes); the same sums as a u8 x s8 GEMM against ones read the codes once (1.4 ms), exact (int32
     accumulation; float32 holds every integer up to 2**24, i.e. sums of up to `MAX_COLUMNS` codes of 255 exactly;
-    wider inputs take the widening sum). One prepacked row per K, kept for the process (K bytes each)."""
+    wider inputs take the widening sum). Below `MIN_ELEMENTS` codes the widening sum is the faster one (a oneDNN
+    call costs ~30 us whatever its size: 7 us instead of 30 for 65 x 384 codes, even at 1000 x 768). One prepacked
+    row per K, kept for the process (K bytes each)."""
 
     MAX_COLUMNS = (1 << 24) // 255
+    MIN_ELEMENTS = 1 << 20
 
     def __init__(self) -> None:
         self._packs: dict[int, torch.Tensor] = {}
@@ -219,7 +231,7 @@ class _CodeSums:
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         """float32 [rows]: sum_c codes[:, c] (2-d uint8 `codes`, exact)."""
         columns = codes.shape[1]
-        if columns > self.MAX_COLUMNS:
+        if columns > self.MAX_COLUMNS or codes.numel() < self.MIN_ELEMENTS:
             return codes.sum(dim=1, dtype=torch.int64).float()
         pack = self._packs.get(columns)
         if pack is None:
@@ -244,6 +256,8 @@ class _Terms:
     zero_point: int  # the integer part given to oneDNN
     bias: torch.Tensor  # float32 [N]
     coef: torch.Tensor | None  # float32 [N] (sx*sw*e), None when every e is 0
+    code_scale: torch.Tensor  # float32 [1]: the grid's step and zero point, for the input codes
+    code_zero_point: torch.Tensor  # float32 [1]
 
 
 @dataclass(eq=False)
@@ -349,7 +363,7 @@ class OneDNNWeight:
             extra = self.row_sum if self.offset is None else self.row_sum + self.offset * self.in_features
             folded = (b - sx * sw * f * extra).float()
             coef = None if self.offset is None else (sx * sw * self.offset).float()
-            return _Terms(sx, zi, folded.contiguous(), coef)
+            return _Terms(sx, zi, folded.contiguous(), coef, scale[:1], zero_point[:1])
         if scale.numel() != self.in_features or zero_point.numel() not in (1, self.in_features):
             return None
         return self._grouped_terms(scale, step.expand(self.in_features), zero_point.expand(self.in_features), b, sw)
@@ -369,7 +383,7 @@ class OneDNNWeight:
             if multiplier is None:
                 packs = [self.whole_pack()]
             else:  # the steps' multiples in the int8 columns: the multiplied pack replaces the whole-matrix one
-                packs = [torch.ops.onednn.qlinear_prepack((w.to(torch.int32) * multiplier).to(torch.int8), None)]
+                packs = [torch.ops.onednn.qlinear_prepack(w * multiplier.to(torch.int8), None)]  # fits (checked)
                 self.packed = None
         else:
             order = torch.cat(blocks.channels)
@@ -399,7 +413,10 @@ class OneDNNWeight:
                 float(multiplier.max()) > 127):
             return None
         multiplier = multiplier.to(torch.int32)
-        return multiplier if int((w.to(torch.int32).abs() * multiplier).max()) <= 127 else None
+        largest = torch.zeros(self.in_features, dtype=torch.int32)  # max_o |W[o, c]|, a block of rows at a time
+        for start, end in row_blocks(self.out_features, self.in_features):
+            torch.maximum(largest, w[start:end].to(torch.int16).abs().amax(dim=0), out=largest)
+        return multiplier if int((largest * multiplier).max()) <= 127 else None
 
     def whole_pack(self) -> torch.Tensor:
         """The prepacked [N, K] matrix (rebuilt if a grouped grid released it)."""
@@ -420,8 +437,7 @@ class OneDNNWeight:
             for (start, end), pack in zip(terms.bounds, terms.packs, strict=True):
                 w[:, terms.order[start:end]] = pack.to_dense().t()
             return w
-        codes = packing.unpack(self.source.codes, self.source.bits, self.in_features).to(torch.int32)
-        return (codes - row_targets(self.source.zero_point, self.offset)[:, None]).to(torch.int8)
+        return int8_rows(self.source).weight
 
     def __reduce__(self):
         # The MKLDNN tensor cannot be pickled or deep-copied: rebuild it from the stored codes instead.
@@ -442,7 +458,7 @@ def _prepare_linear(weight: PackedWeight) -> OneDNNWeight | None:
         out_features=out_features,
         weight_scale=weight.scale.detach().reshape(-1).float().clone().contiguous(),
         weight_zero_points=torch.zeros(out_features, dtype=torch.int64),
-        row_sum=w.sum(dim=1, dtype=torch.int64).double(),
+        row_sum=rows.row_sum.double(),
         offset=rows.offset,
         source=weight,
     )
@@ -528,7 +544,7 @@ class OneDNNBackend(IntegerBackend):
             return apply_activation(_grouped_linear(x2, weight, terms, qmax), activation)
         codes = _SHARED_CODES.get(x, grid, qmax) if grid.applied else None
         if codes is None:
-            codes = _quantize(x2, grid.scale.reshape(-1)[:1], grid.zero_point.reshape(-1)[:1], qmax)
+            codes = _quantize(x2, terms.code_scale, terms.code_zero_point, qmax)
             if grid.applied:
                 _SHARED_CODES.put(x, grid, qmax, codes)
         # GELU as oneDNN's post-op (erf form: the same values as torch's gelu) where nothing is added after the GEMM
@@ -538,7 +554,7 @@ class OneDNNBackend(IntegerBackend):
                                                1.0, 0, torch.float32, "gelu" if fused else "none", [],
                                                "none" if fused else "")
         if terms.coef is not None:
-            row_sums = _CODE_SUMS(codes).sub_(weight.in_features * terms.zero_point)
+            row_sums = _SHARED_CODES.row_sums(codes) - weight.in_features * terms.zero_point
             y.addr_(row_sums, terms.coef)
         return y if fused else apply_activation(y, activation)
 

@@ -182,7 +182,7 @@ class PackedWeightLayer(nn.Module):
 
     def backend(self) -> KernelBackend:
         """The backend that computes this layer where its weight is (resolves "auto" and unavailable backends)."""
-        return resolve_backend(self.kernel_backend, self.qweight.device)
+        return resolve_backend(self.kernel_backend, self._buffers["qweight"].device)
 
     def prepared_weight(self, backend: KernelBackend, dtype: torch.dtype):
         """`backend`'s layout of the frozen weight for `dtype` (cached; rebuilt when the stored codes change)."""
@@ -198,8 +198,10 @@ class PackedWeightLayer(nn.Module):
         return self._cache
 
     def _prepared_key(self, backend: KernelBackend, dtype: torch.dtype) -> tuple:
-        return (backend.name, self.qweight.data_ptr(), self.qweight._version, self.weight_scale._version,
-                self.weight_zero_point._version, self.qweight.device, dtype)
+        buffers = self._buffers  # read directly: this runs at every forward, nn.Module.__getattr__ is slow
+        codes = buffers["qweight"]
+        return (backend.name, codes.data_ptr(), codes._version, buffers["weight_scale"]._version,
+                buffers["weight_zero_point"]._version, codes.device, dtype)
 
     # Runs eagerly under torch.compile: the backend's cached layout is keyed on the stored tensors, and integer
     # kernels take opaque prepacked weights that cannot be traced; the rest of the model (LayerNorm, GELU, attention,

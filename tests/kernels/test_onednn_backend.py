@@ -261,9 +261,36 @@ def test_code_sums_are_exact(columns, monkeypatch):
     codes = torch.randint(0, 256, (37, columns), dtype=torch.uint8, generator=torch.Generator().manual_seed(columns))
     codes[0] = 255  # the largest sum of the width
     expected = codes.sum(dim=1, dtype=torch.int64)
+    assert codes.numel() < onednn._CodeSums.MIN_ELEMENTS  # small: the widening sum
+    assert torch.equal(onednn._CODE_SUMS(codes).to(torch.int64), expected)
+    monkeypatch.setattr(onednn._CodeSums, "MIN_ELEMENTS", 0)  # as for large inputs: oneDNN's GEMM against ones
     assert torch.equal(onednn._CODE_SUMS(codes).to(torch.int64), expected)
     monkeypatch.setattr(onednn._CodeSums, "MAX_COLUMNS", 0)  # wider than oneDNN's exact range: the widening sum
     assert torch.equal(onednn._CODE_SUMS(codes).to(torch.int64), expected)
+
+
+def test_consumers_of_one_producer_share_the_code_sums(monkeypatch, counts):
+    """8-bit weight rows need the input's per-row code sums: q, k and v compute them once for their shared codes."""
+    calls = []
+    real = onednn._CodeSums.__call__
+    monkeypatch.setattr(onednn._CodeSums, "__call__", lambda self, codes: calls.append(1) or real(self, codes))
+    packed = [random_weight(16, 24, 8, seed=i) for i in range(3)]
+    weights = [ONEDNN.prepare_weight(w, torch.float32) for w, _ in packed]
+    assert all(w.offset is not None for w in weights)  # the rank-1 term applies
+    grid, x = random_grid(torch.randn(5, 24), 8, applied=True)
+    bias = torch.randn(16)
+    with torch.no_grad():
+        outputs = [ONEDNN.linear(x, w, bias, grid) for w in weights]
+        assert len(calls) == 1 and counts == {"integer": 3}
+        for y, (w, codes) in zip(outputs, packed, strict=True):
+            assert relative_error(y, exact_linear(x, grid, w, codes, bias)) < 1e-6
+        x.mul_(0.5)  # new codes, new sums
+        ONEDNN.linear(x, weights[0], bias, grid)
+        assert len(calls) == 2
+        own = ActivationGrid(grid.scale, grid.zero_point, grid.bits)  # a layer's own grid: nothing shared
+        ONEDNN.linear(x, weights[0], bias, own)
+        ONEDNN.linear(x, weights[1], bias, own)
+        assert len(calls) == 4
 
 
 def test_compiled_input_quantization_is_bit_identical(monkeypatch):
