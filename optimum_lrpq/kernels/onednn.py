@@ -123,11 +123,24 @@ QUANTIZE_BLOCK_ELEMENTS = 1 << 19
 
 def _quantize_eager(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmax: int) -> torch.Tensor:
     rows, columns = x.shape
-    if rows <= _block_rows(columns):
-        return torch.addcdiv(zero_point, x, scale).round_().clamp_(0, qmax).to(torch.uint8)
     codes = torch.empty(rows, columns, dtype=torch.uint8, device=x.device)
+    if rows <= _block_rows(columns):
+        return store_codes(codes, torch.addcdiv(zero_point, x, scale).round_().clamp_(0, qmax), qmax)
     for start, end, block in _code_blocks(x, scale, zero_point, qmax):
-        codes[start:end] = block
+        store_codes(codes[start:end], block, qmax)
+    return codes
+
+
+def store_codes(codes: torch.Tensor, values: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Write float `values` (integers in [0, qmax]) into the uint8 tensor `codes`; returns `codes`.
+
+    PyTorch's CPU copy from float32 to uint8 is not vectorized (on a 2-core AVX512 EPYC: 138 us for 170 x 3072
+    values, against 19 us to int8): codes up to 127 go through the int8 view of the same bytes, 8-bit codes through
+    int32 (44 us). The same bytes either way."""
+    if qmax <= 127:
+        codes.view(torch.int8).copy_(values)
+    else:
+        codes.copy_(values.to(torch.int32))
     return codes
 
 
@@ -500,8 +513,10 @@ def _quantize_into_groups(x2: torch.Tensor, terms: _GroupedTerms, qmax: int) -> 
     a whole [rows, K] matrix."""
     channels = [terms.order[start:end] for start, end in terms.bounds]
     groups = [torch.empty(x2.shape[0], c.numel(), dtype=torch.uint8, device=x2.device) for c in channels]
+    buffer = torch.empty(min(x2.shape[0], _block_rows(x2.shape[1])), x2.shape[1], dtype=torch.uint8,
+                         device=x2.device)
     for start, end, block in _code_blocks(x2, terms.scale, terms.zero_point, qmax):
-        codes = block.to(torch.uint8)
+        codes = store_codes(buffer[: end - start], block, qmax)
         for group, c in zip(groups, channels, strict=True):  # gather: several times faster than index_select on uint8
             torch.gather(codes, 1, c.expand(end - start, -1), out=group[start:end])
     return groups

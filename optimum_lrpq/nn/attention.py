@@ -14,6 +14,11 @@ from torch import nn
 
 from .activation import ActivationQuantizer, LogQuantizer, PerHeadQuantizer, UniformQuantizer
 
+try:  # what a model's `output_attentions` / `output_hidden_states` forward is collecting (transformers >= 5)
+    from transformers.utils.output_capturing import _active_collector as _OUTPUT_COLLECTOR
+except ImportError:  # another transformers: every probabilities tensor is kept, as eager attention does
+    _OUTPUT_COLLECTOR = None
+
 ATTENTION_KEY = "lrpq"
 QUANTIZER_NAMES = ("q_quant", "k_quant", "v_quant", "softmax_quant")
 
@@ -116,20 +121,44 @@ def _in_place_applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     return True
 
 
+def probabilities_requested() -> bool:
+    """Whether the running forward pass collects attention probabilities (`output_attentions=True`).
+
+    transformers 5 collects them from the attention modules' outputs while a model's forward runs, through a context
+    variable of its output-capturing decorator; a forward that does not ask for them has a collector without an
+    attentions entry. True wherever that cannot be read: outside such a forward (an attention module called on its
+    own), or with a transformers that has no such collector."""
+    if _OUTPUT_COLLECTOR is None:
+        return True
+    try:
+        collecting = _OUTPUT_COLLECTOR.get()
+    except Exception:  # noqa: BLE001  (an internal of transformers: any change means "keep them")
+        return True
+    return not isinstance(collecting, dict) or any("attention" in name for name in collecting)
+
+
 def _attention_in_place(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+                        attention_mask: torch.Tensor | None, scaling: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`lrpq_attention_forward` for inference, a block of batch items at a time: the same operations on the same
     values (each item's products do not depend on the others), with the scores scaled, masked, normalised and
-    quantized in place in the probabilities tensor that is returned."""
+    quantized in place in the probabilities tensor that is returned.
+
+    Where nobody collects the probabilities (`probabilities_requested`), they are not kept: each block is computed in
+    one reused buffer that stays in cache, and None is returned in their place (what transformers' attention modules
+    pass on). A whole [batch, heads, tokens, tokens] tensor per layer is the largest allocation of a ViT forward (60 MB
+    for ViT-Base at batch 32), and writing its fresh pages made the q·kᵀ product twice as slow as the probabilities·v
+    one on a 2-core EPYC."""
     batch, heads, tokens, _ = query.shape
     keys, value_dim = key.shape[2], value.shape[3]
-    probs = torch.empty(batch, heads, tokens, keys, dtype=torch.float32, device=query.device)
+    step = max(1, IN_PLACE_BLOCK_ELEMENTS // max(1, heads * tokens * keys))
+    kept = probabilities_requested()
+    probs = torch.empty(batch if kept else min(batch, step), heads, tokens, keys, dtype=torch.float32,
+                        device=query.device)
     output = torch.empty(batch, tokens, heads, value_dim, dtype=torch.float32, device=query.device)
     q_quant, k_quant, v_quant, softmax_quant = (getattr(module, name, _identity) for name in QUANTIZER_NAMES)
-    step = max(1, IN_PLACE_BLOCK_ELEMENTS // max(1, heads * tokens * keys))
     for start in range(0, batch, step):
         end = min(batch, start + step)
-        scores = probs[start:end]
+        scores = probs[start:end] if kept else probs[: end - start]
         torch.matmul(q_quant(query[start:end]), k_quant(key[start:end]).transpose(2, 3), out=scores)
         scores.mul_(scaling)
         if attention_mask is not None:
@@ -138,4 +167,4 @@ def _attention_in_place(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         if softmax_quant is not _identity:
             softmax_quant.fake_quantize_(scores)
         output[start:end] = torch.matmul(scores, v_quant(value[start:end])).transpose(1, 2)
-    return output, probs
+    return output, probs if kept else None

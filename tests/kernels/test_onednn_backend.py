@@ -247,9 +247,10 @@ def test_input_codes_are_the_reference_codes(block_elements, monkeypatch):
     x = (k - zero_point) * scale
     x = torch.cat([x, x.nextafter(torch.tensor(1e9)), x.nextafter(torch.tensor(-1e9)), torch.randn(3000)])
     x = x.reshape(-1, 100)
-    expected = uniform.quantize(x, scale, zero_point, 8).to(torch.uint8)
-    assert torch.equal(onednn._quantize_eager(x, scale, zero_point, 255), expected)
-    assert torch.equal(onednn._quantize_math(x, scale, zero_point, 255), expected)
+    for bits in (2, 4, 7, 8):  # codes up to 127 are stored through int8, 8-bit ones through int32
+        expected = uniform.quantize(x, scale, zero_point, bits).to(torch.uint8)
+        assert torch.equal(onednn._quantize_eager(x, scale, zero_point, uniform.qmax(bits)), expected)
+        assert torch.equal(onednn._quantize_math(x, scale, zero_point, uniform.qmax(bits)), expected)
     scales, zero_points = torch.linspace(0.01, 0.03, 100), torch.linspace(0, 255, 100).round()  # per channel
     assert torch.equal(onednn._quantize_eager(x, scales, zero_points, 255),
                        uniform.quantize(x, scales, zero_points, 8).to(torch.uint8))

@@ -71,3 +71,30 @@ def test_in_place_path_only_where_nothing_needs_the_intermediates(in_place_calls
     with torch.no_grad():
         model(pixel_values=x.detach())
     assert len(in_place_calls) == 1 and seen == [torch.Size([2, 4, 17, 17])]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_probabilities_are_kept_only_when_collected(name, monkeypatch):
+    """Without `output_attentions` nothing reads the probabilities: each block reuses one buffer, the logits stay
+    the same, and with `output_attentions` every layer's probabilities are still returned."""
+    model = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=4)).quantize_model(
+        build(name), pixels(16), show_progress=False)
+    monkeypatch.setattr(attention, "IN_PLACE_BLOCK_ELEMENTS", 3 * 4 * 17 * 17 if name != "swin" else 3 * 2 * 16 * 16)
+    returned = []
+    run = attention._attention_in_place
+
+    def spy(*args):
+        output, probs = run(*args)
+        returned.append(probs)
+        return output, probs
+
+    monkeypatch.setattr(attention, "_attention_in_place", spy)
+    x = pixels(8, seed=3)
+    with torch.inference_mode():
+        logits = model(pixel_values=x).logits
+        assert returned and all(probs is None for probs in returned)
+        returned.clear()
+        collected = model(pixel_values=x, output_attentions=True)
+    assert returned and all(probs is not None for probs in returned)
+    assert torch.equal(logits, collected.logits) and len(collected.attentions) > 0
+    assert attention.probabilities_requested()  # outside a model's forward: kept, a caller may read them
