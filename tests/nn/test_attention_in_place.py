@@ -98,3 +98,29 @@ def test_probabilities_are_kept_only_when_collected(name, monkeypatch):
     assert returned and all(probs is not None for probs in returned)
     assert torch.equal(logits, collected.logits) and len(collected.attentions) > 0
     assert attention.probabilities_requested()  # outside a model's forward: kept, a caller may read them
+
+
+def test_probabilities_are_kept_where_the_collector_cannot_be_read(monkeypatch):
+    monkeypatch.setattr(attention, "_OUTPUT_COLLECTOR", None)  # a transformers without the output collector
+    assert attention.probabilities_requested()
+
+    class Broken:
+        def get(self):
+            raise RuntimeError("changed internals")
+
+    monkeypatch.setattr(attention, "_OUTPUT_COLLECTOR", Broken())
+    assert attention.probabilities_requested()
+
+    class Collecting:
+        def __init__(self, collected):
+            self.collected = collected
+
+        def get(self):
+            return self.collected
+
+    monkeypatch.setattr(attention, "_OUTPUT_COLLECTOR", Collecting({"hidden_states": []}))
+    assert not attention.probabilities_requested()  # a forward that collects other outputs only
+    monkeypatch.setattr(attention, "_OUTPUT_COLLECTOR", Collecting({"attentions": []}))
+    assert attention.probabilities_requested()
+    monkeypatch.setattr(attention, "_OUTPUT_COLLECTOR", Collecting({"cross_attentions": []}))
+    assert attention.probabilities_requested()
