@@ -88,6 +88,8 @@ class KernelBackend(abc.ABC):
     # Whether loading a model builds this backend's layouts right away (`nn.prepare_kernels`) instead of on the
     # first forward: worth it where the layout replaces the stored codes (less memory, faster first forward).
     prepare_at_load: ClassVar[bool] = False
+    # Whether `prepare_group` / `linear_group` compute layers that read the same input together.
+    groups_layers: ClassVar[bool] = False
 
     @abc.abstractmethod
     def is_available(self, device: torch.device) -> bool:
@@ -106,6 +108,26 @@ class KernelBackend(abc.ABC):
     def prepare_constants(self, prepared: Any, grid: ActivationGrid, bias: torch.Tensor | None) -> None:
         """Compute, ahead of the first forward, what `linear` derives from the input grid and the bias (cached by the
         backend; `prepare_at_load`). The default: nothing to compute."""
+
+    def prepare_group(self, prepared: list[Any]) -> Any | None:
+        """One layout for layers that always read the same input (q, k and v), from their own layouts, so that
+        `linear_group` computes them as one product; it may take over their weights (the layers then hold them once).
+        None (the default): each layer computes its own product."""
+        return None
+
+    def linear_group(self, x: torch.Tensor, group: Any, biases: list[torch.Tensor | None],
+                     input_grid: ActivationGrid | None) -> list[torch.Tensor] | None:
+        """What `linear` gives for each layer of `group` (a `prepare_group` layout) on the same input `x`, in order;
+        None where this input cannot take the grouped product (each layer then computes its own)."""
+        return None
+
+    def dense_weight(self, prepared: Any, dtype: torch.dtype) -> torch.Tensor | None:
+        """The float weight in `dtype` if `prepared` already holds it (the reference layout: the dequantized weight
+        itself), so that reading a layer's `weight` costs nothing; None (the default) where it would have to be
+        computed. The caller must not modify it in place (layers check its version counter at every forward)."""
+        if isinstance(prepared, torch.Tensor) and prepared.dtype == dtype:
+            return prepared
+        return None
 
     def release_codes(self, prepared: Any) -> bool:
         """Make `prepared` independent of the stored codes it was made from, so that the layer can drop its copy;

@@ -122,8 +122,7 @@ class IntegerBackend(KernelBackend):
             return REFERENCE.linear(x, weight, bias, input_grid, activation)
         grad = torch.is_grad_enabled()
         constants = None
-        if (input_grid is not None and x.dtype == torch.float32 and x.device == weight.weight_scale.device
-                and x.numel() > 0 and x.shape[-1] == weight.in_features and not (grad and x.requires_grad)):
+        if self.takes_input(x, weight, input_grid):
             constants = self.constants(weight, input_grid, bias)
         if constants is None:
             self.path_counts["reference"] += 1
@@ -135,6 +134,14 @@ class IntegerBackend(KernelBackend):
         if carries_gradient:
             y = apply_activation(y + (bias - bias.detach()), activation)  # exactly +0, but carries the bias' gradient
         return y.reshape(*x.shape[:-1], weight.out_features)
+
+    @staticmethod
+    def takes_input(x: torch.Tensor, weight: Any, input_grid: ActivationGrid | None) -> bool:
+        """Whether the integer path can take `x` for the prepared `weight`: a float32 input on the weight's device,
+        of its width, on a grid, and not needing grad (the integer ops have no autograd)."""
+        return (input_grid is not None and x.dtype == torch.float32 and x.device == weight.weight_scale.device
+                and x.numel() > 0 and x.shape[-1] == weight.in_features
+                and not (x.requires_grad and torch.is_grad_enabled()))
 
     def prepare_constants(self, prepared: Any, grid: ActivationGrid, bias: torch.Tensor | None) -> None:
         if isinstance(prepared, self.prepared_type):

@@ -71,6 +71,11 @@ class QuantLinear(PackedWeightLayer):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.__dict__.get("_input_group")  # q, k and v computed as one product (`nn.fusion`)
+        if group is not None:
+            y = group.output(self, x)
+            if y is not None:
+                return y
         return self.compute(x, self.input_quant, "linear", self.activation)
 
     def extra_repr(self) -> str:

@@ -14,7 +14,7 @@ from ..configuration import LRPQConfig
 from ..models import ModelLayout
 from ..nn import QuantSpec, add_attention_quantizers, quantize_module
 from ..nn.attention import QUANTIZER_NAMES as ATTENTION_QUANTIZER_NAMES
-from ..nn.fusion import ActivationInProducer, movable_activation
+from ..nn.fusion import ActivationInProducer, group_shared_input, movable_activation
 from .placement import carry_hook
 
 
@@ -103,6 +103,8 @@ def convert_model(
                 if grouped:
                     layernorm = model.get_submodule(group.layernorm)
                     model.get_submodule(consumer).set_input_source(layernorm.out_quant)
+        if grouped:  # q, k and v read the same quantized tensor: one product where the kernel backend can
+            group_shared_input([model.get_submodule(c) for c in group.consumers if c in layer_bits])
 
     # Heads see one token (or pooled vector) per image: too few rows to calibrate a range per channel.
     per_channel_inputs = config.linear_input_granularity == "per_channel"

@@ -538,3 +538,91 @@ def test_released_grouped_weight_survives_grid_changes(counts):
         assert relative_error(ONEDNN.linear(x, prepared, None, grid), REFERENCE.linear(x, dense, None, grid)) < 1e-5
         assert torch.equal(ONEDNN.restore_codes(prepared), weight.codes)
     assert counts == {"integer": 4}
+
+
+# ------------------------------------------------------------------------------------------------ q, k, v as one GEMM
+
+
+def shared_input_groups(model) -> list:
+    groups = {id(g): g for m in model.modules() if (g := m.__dict__.get("_input_group")) is not None}
+    return list(groups.values())
+
+
+def without_groups(model):
+    clone = copy.deepcopy(model)
+    for module in clone.modules():
+        module.__dict__.pop("_input_group", None)
+    return clone
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_q_k_v_run_as_one_gemm_with_the_same_logits(name, monkeypatch):
+    config = LRPQConfig(weight_bits=5, activation_bits=6, mixed_precision=True)  # q, k, v at different bits
+    model = LRPQuantizer(config).quantize_model(build(name), pixels(16), show_progress=False)
+    groups = shared_input_groups(model)
+    blocks = sum(1 for m in model.modules() if hasattr(m, "softmax_quant"))  # the quantized attention modules
+    assert len(groups) == blocks > 0 and all(len(g.members) == 3 for g in groups)
+    x = pixels(8, seed=7)
+    alone = outputs(without_groups(model), x, "onednn")
+    calls = []
+    real = torch.ops.onednn.qlinear_pointwise
+
+    class Counting:  # counts the oneDNN GEMMs of a forward
+        def __call__(self, *args):
+            calls.append(args[3])
+            return real(*args)
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", Counting())
+    grouped = outputs(model, x, "onednn")
+    for a, b in zip(grouped, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    linears = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert len(calls) == linears - 2 * len(groups)
+    for group in groups:  # each member's weight now lives in the stacked matrix only
+        for member in group.members:
+            assert member._cache.packed is None and member._cache.stack[0] is group._layout
+
+
+def test_grouped_members_keep_exact_codes_and_survive_moves(tmp_path):
+    model = LRPQuantizer(LRPQConfig(weight_bits=8, activation_bits=8)).quantize_model(build("deit"), pixels(16),
+                                                                                       show_progress=False)
+    codes = stored_codes(model)
+    x = pixels(4, seed=3)
+    set_kernel_backend(model, "onednn")
+    y = logits(model, x)
+    assert all(g._layout is not None for g in shared_input_groups(model))
+    after = stored_codes(model)  # read back from the stacked matrices
+    assert all(torch.equal(after[k], codes[k]) for k in codes)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    assert all(g._layout is not None for g in shared_input_groups(loaded))  # stacked at load
+    assert torch.equal(logits(loaded, x), y)
+    model.to("cpu", torch.float32)  # a move takes the codes back and drops the stacked layout
+    assert all(g._layout is None for g in shared_input_groups(model))
+    assert torch.equal(logits(model, x), y)
+    clone = copy.deepcopy(model)
+    assert torch.equal(logits(clone, x), y)
+    set_kernel_backend(model, "reference")  # no grouped product there: each layer computes its own
+    logits(model, x)
+    assert all(g._layout is None for g in shared_input_groups(model))
+
+
+def test_a_member_called_on_another_or_edited_input_computes_its_own():
+    model = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=8)).quantize_model(build("vit"), pixels(16),
+                                                                                      show_progress=False)
+    set_kernel_backend(model, "onednn")
+    group = shared_input_groups(model)[0]
+    query, key, value = group.members
+    alone = without_groups(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    key_alone = alone.get_submodule(names[id(key)])
+    value_alone = alone.get_submodule(names[id(value)])
+    source = group.members[0].input_source  # the producer's grid: feed inputs already on it
+    with torch.no_grad():
+        h = source(torch.randn(2, 5, query.in_features))
+        query(h)  # computes k and v too, kept for this very tensor
+        assert torch.equal(key(h), key_alone(h))
+        h.mul_(-1)  # edited in place: the kept value output no longer holds
+        assert torch.equal(value(h), value_alone(h))
+        other = h.clone()
+        assert torch.equal(key(other), key_alone(other))
