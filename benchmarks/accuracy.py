@@ -159,6 +159,11 @@ ROWS: list[Row] = [
     lrpq(4, 8, softmax_quantizer="log_sqrt2"),
     lrpq(6, 6, mlp_hidden_range="minmax"),
     lrpq(4, 4, mlp_hidden_range="minmax"),
+    # classifier head inputs per tensor (RepQ-ViT, format <= 3), next to the per-channel default below 8 bits
+    lrpq(6, 6, head_input_granularity="per_tensor"),
+    lrpq(4, 4, head_input_granularity="per_tensor"),
+    lrpq(4, 4, mixed_precision=True, head_input_granularity="per_tensor"),
+    lrpq(3, 3, mixed_precision=True, head_input_granularity="per_tensor"),
     # per-channel o_proj/fc2 input steps constrained to G levels s_max / 2**g (one integer GEMM per step group),
     # next to the defaults (one step per channel) and the per-tensor rows
     lrpq(8, 8, linear_input_granularity="per_tensor"),

@@ -38,7 +38,9 @@ QUANT_METHOD = "lrpq"
 #    (`attention_granularity`); format 1 has both per tensor.
 # 3: `input_step_levels`: the per-channel input steps of o_proj / fc2 are partly folded into the stored weight
 #    columns; format 2 stores the weights of those layers unfolded (still read, as `input_step_levels=0`).
-FORMAT_VERSION = 3
+# 4: `head_input_granularity`: the classifier heads' input quantizers are per channel (one step per input channel,
+#    folded like o_proj / fc2); format 3 stores them per tensor (still read, as `head_input_granularity="per_tensor"`).
+FORMAT_VERSION = 4
 
 # `input_step_levels` of new quantizations (see LRPQConfig).
 DEFAULT_INPUT_STEP_LEVELS = 4
@@ -133,6 +135,13 @@ class LRPQConfig(QuantizationConfigMixin):
             post-GELU activations span ~10 with most values below 1, which one 6-bit step per tensor cannot resolve:
             per channel lifts real DINOv2-S at W6A6 from 92.9 % to 94.5 % (float 95.3; mean of 3 calibration draws)
             and W4A4 from 12 % to 58 % (benchmarks/README.md).
+        head_input_granularity: input quantizers of the classifier heads: "per_channel" (default; heads whose
+            input has fewer than 8 bits get one step per input channel, through `input_step_levels` like o_proj /
+            fc2; needs >= 32 calibration images, a head seeing one vector per image, else the channels share one
+            range) or "per_tensor" (RepQ-ViT; the only choice of format <= 3). The head input after the final
+            LayerNorm has a few wide channels that one 4-bit step cannot share with the rest, while at 8 bits one
+            step is fine and per-channel ranges from 32 vectors clip more unseen values (benchmarks/README.md, "Head
+            inputs per channel").
         attention_granularity: grids of the attention operands q, k, v: "per_head" (default; one grid per head,
             which still factors out of each head's matmuls) or "per_tensor" (RepQ-ViT). On real DINOv2-S at W4A4, the
             4-bit per-tensor q and k are the bottleneck (8-bit q, k alone: 57 % -> 82 %); per head gives 72 %.
@@ -223,6 +232,7 @@ class LRPQConfig(QuantizationConfigMixin):
         reconstruction_drop: float = 0.5,
         reparameterize: bool = True,
         linear_input_granularity: str | None = None,
+        head_input_granularity: str | None = None,
         attention_granularity: str | None = None,
         activation_step_groups: int | None = None,
         input_step_levels: int | None = None,
@@ -277,6 +287,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.reconstruction_drop = reconstruction_drop
         self.reparameterize = reparameterize
         self.linear_input_granularity = linear_input_granularity
+        self.head_input_granularity = head_input_granularity
         self.attention_granularity = attention_granularity
         self.activation_step_groups = activation_step_groups
         self.input_step_levels = input_step_levels
@@ -334,6 +345,9 @@ class LRPQConfig(QuantizationConfigMixin):
         if self.linear_input_granularity is None:  # checkpoints of format 1 predate the option: per tensor
             self.linear_input_granularity = "per_tensor" if self.format_version < 2 else "per_channel"
         check_choice(self.linear_input_granularity, "linear_input_granularity", GRANULARITIES)
+        if self.head_input_granularity is None:  # formats <= 3 predate the option: per tensor
+            self.head_input_granularity = "per_tensor" if self.format_version < 4 else "per_channel"
+        check_choice(self.head_input_granularity, "head_input_granularity", GRANULARITIES)
         if self.attention_granularity is None:  # format 1 predates the option: per tensor
             self.attention_granularity = "per_tensor" if self.format_version < 2 else "per_head"
         check_choice(self.attention_granularity, "attention_granularity", ATTENTION_GRANULARITIES)

@@ -217,9 +217,10 @@ def write_model_card(
 
 
 def _input_text(config) -> str:
-    if getattr(config, "linear_input_granularity", "per_tensor") == "per_channel":
-        return "per-channel steps for the inputs of o_proj and fc2"
-    return "per-tensor inputs of o_proj and fc2"
+    block = getattr(config, "linear_input_granularity", "per_tensor") == "per_channel"
+    heads = getattr(config, "head_input_granularity", "per_tensor") == "per_channel"
+    text = "per-channel steps for the inputs of o_proj and fc2" if block else "per-tensor inputs of o_proj and fc2"
+    return text + (", and of the classifier heads below 8 bits" if heads else "")
 
 
 def _attention_text(config) -> str:

@@ -61,6 +61,10 @@ def known_module_names(layout: ModelLayout) -> set[str]:
     return names
 
 
+# `head_input_granularity="per_channel"` applies to head inputs of fewer bits than this (see LRPQConfig).
+PER_CHANNEL_HEADS_BELOW_BITS = 8
+
+
 def convert_model(
     model: nn.Module, layout: ModelLayout, layer_bits: dict[str, dict[str, int]], config: LRPQConfig, *, skeleton: bool
 ) -> dict[str, nn.Module]:
@@ -106,11 +110,14 @@ def convert_model(
         if grouped:  # q, k and v read the same quantized tensor: one product where the kernel backend can
             group_shared_input([model.get_submodule(c) for c in group.consumers if c in layer_bits])
 
-    # Heads see one token (or pooled vector) per image: too few rows to calibrate a range per channel.
     per_channel_inputs = config.linear_input_granularity == "per_channel"
+    per_channel_heads = config.head_input_granularity == "per_channel"
     for name in layout.linears:
         if name in layer_bits:
-            per_channel = per_channel_inputs and name not in layout.heads
+            if name in layout.heads:  # at 8 bits one step per tensor is fine, and 32 vectors per channel clip more
+                per_channel = per_channel_heads and bits(name, "activation") < PER_CHANNEL_HEADS_BELOW_BITS
+            else:
+                per_channel = per_channel_inputs
             spec = QuantSpec(weight_bits=bits(name, "weight"), input_bits=bits(name, "activation"),
                              input_per_channel=per_channel,
                              input_step_levels=config.input_step_levels if per_channel and config.input_step_levels else None)

@@ -95,8 +95,8 @@ def test_config_json_names_method_version_and_bits(tmp_path):
     qmodel.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "lrpq"
-    assert saved["format_version"] == FORMAT_VERSION == 3
-    assert saved["linear_input_granularity"] == "per_channel"
+    assert saved["format_version"] == FORMAT_VERSION == 4
+    assert saved["linear_input_granularity"] == saved["head_input_granularity"] == "per_channel"
     assert saved["lrpq_version"]
     layer_bits = saved["layer_bits"]
     for name, module in qmodel.named_modules():

@@ -34,7 +34,7 @@ def quantize(**options):
 
 
 def test_default_folds_and_format_2_checkpoints_do_not():
-    assert FORMAT_VERSION == 3
+    assert FORMAT_VERSION == 4
     assert LRPQConfig().input_step_levels == DEFAULT_INPUT_STEP_LEVELS > 0
     assert LRPQConfig(format_version=2).input_step_levels == 0
     assert LRPQConfig(format_version=2, input_step_levels=2).input_step_levels == 2
@@ -49,11 +49,14 @@ def folded_layers(model) -> dict[str, int]:
             if isinstance(m, QuantLinear) and m.input_step_levels is not None}
 
 
-def test_only_per_channel_block_linears_fold():
+def test_only_per_channel_linears_fold():
     model = quantize(weight_rounding="nearest")
-    assert folded_layers(model) == dict.fromkeys(FOLDED, DEFAULT_INPUT_STEP_LEVELS)
+    assert folded_layers(model) == dict.fromkeys((*FOLDED, "classifier"), DEFAULT_INPUT_STEP_LEVELS)
     assert f"input_step_levels={DEFAULT_INPUT_STEP_LEVELS}" in repr(model.get_submodule(FOLDED[0]))
-    assert folded_layers(quantize(weight_rounding="nearest", linear_input_granularity="per_tensor")) == {}
+    assert folded_layers(quantize(weight_rounding="nearest", linear_input_granularity="per_tensor")) == {
+        "classifier": DEFAULT_INPUT_STEP_LEVELS}
+    assert folded_layers(quantize(weight_rounding="nearest", linear_input_granularity="per_tensor",
+                                  head_input_granularity="per_tensor")) == {}
     assert folded_layers(quantize(weight_rounding="nearest", input_step_levels=0)) == {}
 
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.nn import PerHeadQuantizer, QuantLinear, UniformQuantizer
-from optimum_lrpq.pipeline.calibration import MIN_ROWS_PER_CHANNEL
+from optimum_lrpq.pipeline.calibration import MIN_HEAD_ROWS, MIN_ROWS_PER_CHANNEL
 from optimum_lrpq.quantization.uniform import fake_quantize, scale_zero_point_from_range
 
 # The tiny ViT has 17 tokens per image: 64 images give 1088 rows, enough for a range per channel.
@@ -39,14 +39,13 @@ def test_default_is_per_channel_and_old_formats_read_per_tensor():
         LRPQConfig(linear_input_granularity="per_row")
 
 
-def test_block_linears_get_one_step_per_channel_heads_one_per_tensor():
+def test_block_linears_and_heads_get_one_step_per_channel():
     model = quantize(pixels(ENOUGH_IMAGES))
     scales = input_scales(model)
-    for name in ("vit.layers.0.attention.o_proj", "vit.layers.1.mlp.fc2"):
+    for name in ("vit.layers.0.attention.o_proj", "vit.layers.1.mlp.fc2", "classifier"):
         scale = scales[name]
         assert scale.shape == (model.get_submodule(name).in_features,)
         assert scale.unique().numel() > 1, name  # real per-channel ranges, not one range repeated
-    assert scales["classifier"].shape == (1,)
 
 
 def test_per_channel_grid_is_each_channels_float_calibration_range():
@@ -98,6 +97,10 @@ def test_the_suggested_number_of_images_is_exactly_enough(caplog, images, warned
 
 def test_per_tensor_option_keeps_one_step_per_layer():
     scales = input_scales(quantize(pixels(ENOUGH_IMAGES), linear_input_granularity="per_tensor"))
+    assert all(scale.shape == (1,) for name, scale in scales.items() if name != "classifier")
+    assert scales["classifier"].shape == (32,)  # the heads have their own option
+    scales = input_scales(quantize(pixels(ENOUGH_IMAGES), linear_input_granularity="per_tensor",
+                                   head_input_granularity="per_tensor"))
     assert all(scale.shape == (1,) for scale in scales.values())
 
 
@@ -112,18 +115,74 @@ def test_per_channel_checkpoint_reloads_bit_identical(tmp_path):
 
 def test_format_1_checkpoint_without_the_field_loads_per_tensor(tmp_path):
     """Checkpoints written before the option existed (format 1) had per-tensor inputs and no field for it."""
-    model = quantize(pixels(ENOUGH_IMAGES), linear_input_granularity="per_tensor", attention_granularity="per_tensor")
+    model = quantize(pixels(ENOUGH_IMAGES), linear_input_granularity="per_tensor", attention_granularity="per_tensor",
+                     head_input_granularity="per_tensor")
     model.save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
-    del config["quantization_config"]["linear_input_granularity"]
-    del config["quantization_config"]["attention_granularity"]
+    for field in ("linear_input_granularity", "attention_granularity", "head_input_granularity"):
+        del config["quantization_config"][field]
     config["quantization_config"]["format_version"] = 1
     path.write_text(json.dumps(config))
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     x = pixels(4, seed=7)
     assert loaded.config.quantization_config.linear_input_granularity == "per_tensor"
     assert loaded.config.quantization_config.attention_granularity == "per_tensor"
+    assert torch.equal(logits(loaded, x), logits(model, x))
+
+
+# ---- per-channel head inputs (`head_input_granularity`)
+
+
+def test_head_input_granularity_default_and_old_formats():
+    assert LRPQConfig().head_input_granularity == "per_channel"
+    assert LRPQConfig(format_version=3).head_input_granularity == "per_tensor"
+    assert LRPQConfig(format_version=3, head_input_granularity="per_channel").head_input_granularity == "per_channel"
+    with pytest.raises(ValueError, match=r"head_input_granularity must be one of \['per_tensor', 'per_channel'\]"):
+        LRPQConfig(head_input_granularity="per_head")
+
+
+def test_head_inputs_are_per_channel_below_8_bits_only():
+    calibration = pixels(MIN_HEAD_ROWS)  # one vector per image reaches the head: exactly enough
+    four = input_scales(quantize(calibration))["classifier"]
+    assert four.shape == (32,) and four.unique().numel() > 1
+    config = LRPQConfig(weight_bits=8, activation_bits=8, mixed_precision=False, num_calibration_samples=MIN_HEAD_ROWS)
+    eight = LRPQuantizer(config).quantize_model(build("vit"), calibration, show_progress=False)
+    assert eight.get_submodule("classifier").input_quant.scale.shape == (1,)
+
+
+def test_deit_heads_get_their_own_per_channel_grids_and_reload_bit_identical(tmp_path):
+    config = LRPQConfig(weight_bits=4, activation_bits=4, mixed_precision=False, num_calibration_samples=32)
+    model = LRPQuantizer(config).quantize_model(build("deit_teacher"), pixels(32), show_progress=False)
+    heads = {name: model.get_submodule(name).input_quant.scale for name in ("cls_classifier", "distillation_classifier")}
+    assert all(s.shape == (32,) and s.unique().numel() > 1 for s in heads.values())
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    x = pixels(4, seed=7)
+    assert torch.equal(loaded(pixel_values=x).logits, model(pixel_values=x).logits)
+
+
+def test_too_few_images_for_head_ranges_fall_back_and_name_the_option(caplog):
+    with caplog.at_level(logging.WARNING, logger="optimum_lrpq"):
+        model = quantize(pixels(ENOUGH_IMAGES)[: MIN_HEAD_ROWS - 1], linear_input_granularity="per_tensor")
+    scale = input_scales(model)["classifier"]
+    assert scale.shape == (32,) and scale.unique().numel() == 1
+    assert f"saw only {MIN_HEAD_ROWS - 1} tokens" in caplog.text and f"(needs {MIN_HEAD_ROWS})" in caplog.text
+    assert f"takes {MIN_HEAD_ROWS} calibration images instead of {MIN_HEAD_ROWS - 1}" in caplog.text
+    assert "head_input_granularity='per_tensor'" in caplog.text
+
+
+def test_format_3_checkpoint_without_the_field_loads_per_tensor_heads(tmp_path):
+    model = quantize(pixels(ENOUGH_IMAGES), head_input_granularity="per_tensor")
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    del config["quantization_config"]["head_input_granularity"]
+    config["quantization_config"]["format_version"] = 3
+    path.write_text(json.dumps(config))
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert loaded.config.quantization_config.head_input_granularity == "per_tensor"
+    x = pixels(4, seed=7)
     assert torch.equal(logits(loaded, x), logits(model, x))
 
 
