@@ -175,6 +175,10 @@ ROWS: list[Row] = [
     # GEMMs) or folded into the weight columns over G power-of-two levels (`input_step_levels`; one GEMM per level)
     *(lrpq(w, a, input_step_levels=g) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)) for g in (0, 1, 2, 8)),
     *(lrpq(4, 4, mixed_precision=True, input_step_levels=g) for g in (0, 1, 2, 8)),
+    # query/key smoothing (q_c * s_c, k_c / s_c with s_c = (max|k_c| / max|q_c|) ** alpha), off by default
+    *(lrpq(w, a, qk_smoothing=alpha) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)) for alpha in (0.25, 0.5)),
+    *(lrpq(4, 4, mixed_precision=True, qk_smoothing=alpha) for alpha in (0.25, 0.5)),
+    lrpq(4, 4, qk_smoothing=0.5, reconstruction="block"),
     # W4A4: percentile activation ranges (clip DINOv2's post-GELU outliers), with and without CCQ
     lrpq(4, 4, activation_range="percentile_mse", quick=True),
     lrpq(4, 4, activation_range="percentile_mse", clipping="ccq_a"),

@@ -127,6 +127,12 @@ class LRPQConfig(QuantizationConfigMixin):
             the quantized model's (0: always the quantized input).
         reparameterize: fold per-channel post-LayerNorm quantization into the LayerNorm affine and the next
             linear (RepQ-ViT), so inference uses one per-tensor quantizer.
+        qk_smoothing: None (off) or the migration strength alpha in [0, 1] of query/key smoothing: before
+            quantizing, query channel c is multiplied by s_c = (max|k_c| / max|q_c|) ** alpha and key channel c
+            divided by it (folded into the q and k projections; every attention score, so the float model, is
+            unchanged), so that one 4-bit step per head serves both operands (`quantization.smoothing`). Costs one
+            float pass over the calibration images. The trial quantizations of mixed precision (sensitivity, the
+            `uniform_fallback` check) are not smoothed: they compare plans with each other, all without it.
         linear_input_granularity: input quantizers of o_proj and fc2 (the block linears not fed by a LayerNorm;
             classifier heads keep one range, they see one token per image): "per_channel" (default; one step per
             input channel, applied where the producer's output - GELU, the attention product - is requantized, so
@@ -231,6 +237,7 @@ class LRPQConfig(QuantizationConfigMixin):
         reconstruction_batch_size: int = 8,
         reconstruction_drop: float = 0.5,
         reparameterize: bool = True,
+        qk_smoothing: float | None = None,
         linear_input_granularity: str | None = None,
         head_input_granularity: str | None = None,
         attention_granularity: str | None = None,
@@ -286,6 +293,7 @@ class LRPQConfig(QuantizationConfigMixin):
         self.reconstruction_batch_size = reconstruction_batch_size
         self.reconstruction_drop = reconstruction_drop
         self.reparameterize = reparameterize
+        self.qk_smoothing = qk_smoothing
         self.linear_input_granularity = linear_input_granularity
         self.head_input_granularity = head_input_granularity
         self.attention_granularity = attention_granularity
@@ -342,6 +350,11 @@ class LRPQConfig(QuantizationConfigMixin):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         self.fold_strength = _check_fold_strength(self.fold_strength)
+        smoothing = self.qk_smoothing
+        if smoothing is not None and (isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real)
+                                      or not 0.0 <= float(smoothing) <= 1.0):
+            raise ValueError(f"qk_smoothing must be None (off) or a migration strength in [0, 1] such as 0.5, got "
+                             f"{smoothing!r}.")
         if self.linear_input_granularity is None:  # checkpoints of format 1 predate the option: per tensor
             self.linear_input_granularity = "per_tensor" if self.format_version < 2 else "per_channel"
         check_choice(self.linear_input_granularity, "linear_input_granularity", GRANULARITIES)

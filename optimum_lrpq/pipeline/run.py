@@ -28,6 +28,7 @@ from .calibration_data import CalibrationSet, prepare_calibration_data
 from .conversion import convert_model, plan_layer_bits, restore_model
 from .mixed_precision import choose_layer_bits, compare_with_uniform, prefers_uniform, unit_sensitivity
 from .placement import onload
+from .smoothing import query_key_ranges, smooth_queries_and_keys
 
 logger = logging.get_logger(__name__)
 
@@ -75,9 +76,16 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
     model.eval()
     result = QuantizationResult(config)
     layer_bits = _choose_bits(model, layout, config, calibration, show_progress, result)
+    ranges = None
+    if config.qk_smoothing:  # measured on the float model; folded into the converted copies of q and k below
+        start = time.perf_counter()
+        ranges = query_key_ranges(model, layout, calibration.batches, show_progress=show_progress)
+        result.timings["qk_ranges"] = time.perf_counter() - start
     previous_attention = model.config._attn_implementation
     replaced = convert_model(model, layout, layer_bits, config, skeleton=False)
     try:
+        if ranges is not None:
+            smooth_queries_and_keys(model, layout, ranges, float(config.qk_smoothing))
         model.set_attn_implementation(ATTENTION_KEY)
         calibrate(model, layout, config, calibration.batches, show_progress=show_progress, timings=result.timings)
     except BaseException:
