@@ -1,7 +1,9 @@
-"""Real files the CLI and loading tests read: a saved tiny model, an image dataset directory, an image folder."""
+"""Real files the CLI and loading tests read (a saved tiny model, an image dataset directory, an image folder), and
+saved checkpoints rewritten as older formats wrote them."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def as_older_format(folder: Path, version: int, *fields: str) -> None:
+    """Rewrite a saved lrpq checkpoint's config as format `version` wrote it: without the `fields` added since."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    for name in fields:
+        del config["quantization_config"][name]
+    config["quantization_config"]["format_version"] = version
+    path.write_text(json.dumps(config))

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from local_files import as_older_format
 from tiny_models import build, logits, pixels
 from transformers import AutoModelForImageClassification
 
@@ -129,11 +130,7 @@ def test_format_2_checkpoint_without_the_field_loads_unfolded(tmp_path):
     """Checkpoints written before the option existed (format 2) store the o_proj / fc2 weights unfolded."""
     model = quantize(input_step_levels=0)
     model.save_pretrained(tmp_path)
-    path = tmp_path / "config.json"
-    config = json.loads(path.read_text())
-    del config["quantization_config"]["input_step_levels"]
-    config["quantization_config"]["format_version"] = 2
-    path.write_text(json.dumps(config))
+    as_older_format(tmp_path, 2, "input_step_levels")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert loaded.config.quantization_config.input_step_levels == 0
     assert folded_layers(loaded) == {}

@@ -3,11 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import torch
+from local_files import as_older_format
 from tiny_models import build, layer_inputs, logits, pixels
 from transformers import AutoModelForImageClassification
 
@@ -118,12 +118,7 @@ def test_format_1_checkpoint_without_the_field_loads_per_tensor(tmp_path):
     model = quantize(pixels(ENOUGH_IMAGES), linear_input_granularity="per_tensor", attention_granularity="per_tensor",
                      head_input_granularity="per_tensor")
     model.save_pretrained(tmp_path)
-    path = tmp_path / "config.json"
-    config = json.loads(path.read_text())
-    for field in ("linear_input_granularity", "attention_granularity", "head_input_granularity"):
-        del config["quantization_config"][field]
-    config["quantization_config"]["format_version"] = 1
-    path.write_text(json.dumps(config))
+    as_older_format(tmp_path, 1, "linear_input_granularity", "attention_granularity", "head_input_granularity")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     x = pixels(4, seed=7)
     assert loaded.config.quantization_config.linear_input_granularity == "per_tensor"
@@ -175,11 +170,7 @@ def test_too_few_images_for_head_ranges_fall_back_and_name_the_option(caplog):
 def test_format_3_checkpoint_without_the_field_loads_per_tensor_heads(tmp_path):
     model = quantize(pixels(ENOUGH_IMAGES), head_input_granularity="per_tensor")
     model.save_pretrained(tmp_path)
-    path = tmp_path / "config.json"
-    config = json.loads(path.read_text())
-    del config["quantization_config"]["head_input_granularity"]
-    config["quantization_config"]["format_version"] = 3
-    path.write_text(json.dumps(config))
+    as_older_format(tmp_path, 3, "head_input_granularity")
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert loaded.config.quantization_config.head_input_granularity == "per_tensor"
     x = pixels(4, seed=7)
