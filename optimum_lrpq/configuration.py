@@ -134,7 +134,7 @@ class LRPQConfig(QuantizationConfigMixin):
             float pass over the calibration images. The trial quantizations of mixed precision (sensitivity, the
             `uniform_fallback` check) are not smoothed: they compare plans with each other, all without it.
         linear_input_granularity: input quantizers of o_proj and fc2 (the block linears not fed by a LayerNorm;
-            classifier heads keep one range, they see one token per image): "per_channel" (default; one step per
+            the classifier heads have `head_input_granularity`): "per_channel" (default; one step per
             input channel, applied where the producer's output - GELU, the attention product - is requantized, so
             the kernel stays integer; needs >= 1024 calibration tokens, else the channels share one range) or
             "per_tensor" (RepQ-ViT). DINOv2's

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from transformers.activations import GELUActivation
 
+from ..kernels.integer import tensor_version
+
 
 def movable_activation(module: nn.Module) -> str | None:
     """The name (one of `kernels.ACTIVATIONS`) of the exact function `module` computes, if a linear layer can take it
@@ -68,7 +70,7 @@ class SharedInputGroup:
 
     @staticmethod
     def _key_of(x: torch.Tensor) -> tuple:
-        return (x.data_ptr(), tuple(x.shape), None if x.is_inference() else x._version)
+        return (x.data_ptr(), tuple(x.shape), tensor_version(x))
 
     def forget(self) -> None:
         """Drop the grouped layout and any kept outputs (a member's weight is being moved or replaced)."""

@@ -58,14 +58,20 @@ def attach_observers(model: nn.Module, config: LRPQConfig, num_batches: int,
     return observers
 
 
+def input_quantizer_ids(model: nn.Module, names) -> frozenset[int]:
+    """ids of the input quantizers of the layers `names` (those that have one)."""
+    quantizers = (getattr(model.get_submodule(name), "input_quant", None) for name in names)
+    return frozenset(id(quant) for quant in quantizers if quant is not None)
+
+
 def mlp_hidden_quantizers(model: nn.Module, layout: ModelLayout) -> frozenset[int]:
     """ids of the input quantizers of each block's fc2 ( its input is the post-GELU hidden state)."""
-    found = set()
-    for block in layout.blocks:
-        quant = getattr(model.get_submodule(block.fc2), "input_quant", None)
-        if quant is not None:
-            found.add(id(quant))
-    return frozenset(found)
+    return input_quantizer_ids(model, (block.fc2 for block in layout.blocks))
+
+
+def head_input_quantizers(model: nn.Module, layout: ModelLayout) -> frozenset[int]:
+    """ids of the classifier heads' input quantizers."""
+    return input_quantizer_ids(model, layout.heads)
 
 
 def _searches_fold(config: LRPQConfig) -> bool:
@@ -233,19 +239,6 @@ def finalize_activation_grids(model: nn.Module, num_images: int | None = None,
         logger.warning(_too_few_rows_message(too_few_rows, num_images))
 
 
-def head_input_quantizers(model: nn.Module, layout: ModelLayout) -> frozenset[int]:
-    """ids of the classifier heads' input quantizers."""
-    found = set()
-    for name in layout.heads:
-        try:
-            quant = getattr(model.get_submodule(name), "input_quant", None)
-        except AttributeError:
-            continue
-        if quant is not None:
-            found.add(id(quant))
-    return frozenset(found)
-
-
 def images_for_channel_ranges(rows: int, num_images: int, min_rows: int = MIN_ROWS_PER_CHANNEL) -> int:
     """How many calibration images give `min_rows` tokens at `rows / num_images` tokens per image."""
     return -(-min_rows * num_images // rows)  # ceil(min_rows / tokens per image)
@@ -259,7 +252,7 @@ def _too_few_rows_message(short: list[tuple[ActivationObserver, int]], num_image
 
     fewest, min_rows = max(short, key=images_needed)
     others = f" and {len(short) - 1} other(s)" if len(short) > 1 else ""
-    heads_only = all(min_rows == MIN_HEAD_ROWS and m == MIN_HEAD_ROWS for _, m in short)
+    heads_only = all(m == MIN_HEAD_ROWS for _, m in short)
     option = "head_input_granularity" if heads_only else "linear_input_granularity"
     message = (f"Per-channel input quantizer {fewest.name}{others} saw only {fewest.rows} tokens during calibration, "
                f"too few for a range per channel (needs {min_rows}), so their channels share one range. ")

@@ -626,3 +626,12 @@ def test_a_member_called_on_another_or_edited_input_computes_its_own():
         assert torch.equal(value(h), value_alone(h))
         other = h.clone()
         assert torch.equal(key(other), key_alone(other))
+
+
+def test_a_group_needs_two_layers():
+    from optimum_lrpq.nn.fusion import SharedInputGroup, group_shared_input
+
+    layer = QuantLinear(4, 4, True, 4, None)
+    assert group_shared_input([layer]) is None and "_input_group" not in layer.__dict__
+    with pytest.raises(ValueError, match="A shared-input group needs at least two layers"):
+        SharedInputGroup([layer])

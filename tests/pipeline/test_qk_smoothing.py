@@ -64,3 +64,12 @@ def test_a_failure_after_smoothing_leaves_the_model_as_given(monkeypatch):
     assert not any(is_quantized_module(m) for m in model.modules())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_ranges_of_the_wrong_width_are_named():
+    model = build("vit")
+    layout = get_adapter(model).layout(model)
+    ranges = [(torch.ones(3), torch.ones(3)) for _ in layout.blocks]
+    block = layout.blocks[0]
+    with pytest.raises(ValueError, match=rf"{block.q} / {block.k}: 3 channel ranges for 32 output channels"):
+        smooth_queries_and_keys(model, layout, ranges, 0.5)
