@@ -175,6 +175,12 @@ ROWS: list[Row] = [
     # GEMMs) or folded into the weight columns over G power-of-two levels (`input_step_levels`; one GEMM per level)
     *(lrpq(w, a, input_step_levels=g) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)) for g in (0, 1, 2, 8)),
     *(lrpq(4, 4, mixed_precision=True, input_step_levels=g) for g in (0, 1, 2, 8)),
+    # keys and values not centred per channel (the defaults until 2026-12-07), and keys centred alone
+    *(lrpq(w, a, center_keys=False, center_values=False) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4), (3, 3))),
+    *(lrpq(b, b, mixed_precision=True, center_keys=False, center_values=False) for b in (4, 3)),
+    *(lrpq(w, a, center_values=False) for w, a in ((8, 8), (6, 6), (4, 4))),
+    *(lrpq(w, a, center_keys=False) for w, a in ((8, 8), (6, 6), (4, 4))),
+    lrpq(4, 4, center_keys=False, center_values=False, reconstruction="block"),
     # query/key smoothing (q_c * s_c, k_c / s_c with s_c = (max|k_c| / max|q_c|) ** alpha), off by default
     *(lrpq(w, a, qk_smoothing=alpha) for w, a in ((8, 8), (6, 6), (4, 8), (4, 4)) for alpha in (0.25, 0.5)),
     *(lrpq(4, 4, mixed_precision=True, qk_smoothing=alpha) for alpha in (0.25, 0.5)),

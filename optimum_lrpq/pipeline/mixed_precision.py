@@ -23,6 +23,7 @@ from ..models import ModelLayout
 from ..options import RELEVANCE_ALLOCATIONS, SENSITIVITY_ALLOCATIONS
 from .calibration_data import CalibrationSet
 from .sensitivity import calibration_only, measure_sensitivity, trial_loss, trial_mode
+from .smoothing import AttentionRanges
 from .units import Unit, allocation_units, unit_layer_bits
 
 
@@ -77,12 +78,14 @@ def unit_sensitivity(
     uniform_bits: dict[str, dict[str, int]],
     calibration: CalibrationSet,
     show_progress: bool = True,
+    ranges: list[AttentionRanges] | None = None,
 ) -> dict[str, dict[int, float]]:
-    """Mix-QViT sensitivity table ``unit -> {bits: loss increase}`` on the first `num_sensitivity_samples` images."""
+    """Mix-QViT sensitivity table ``unit -> {bits: loss increase}`` on the first `num_sensitivity_samples` images
+    (`ranges`: see `sensitivity.trial_loss`)."""
     images = calibration.first(config.num_sensitivity_samples)
     return measure_sensitivity(model, layout, config, allocation_units(layout, uniform_bits), uniform_bits,
                                images.batches, candidate_bits(config), metric=config.sensitivity_metric,
-                               show_progress=show_progress)
+                               show_progress=show_progress, ranges=ranges)
 
 
 def choose_layer_bits(
@@ -159,14 +162,15 @@ def prefers_uniform(check: dict[str, float]) -> bool:
 
 def compare_with_uniform(model: nn.Module, layout: ModelLayout, config: LRPQConfig,
                          layer_bits: dict[str, dict[str, int]], uniform_bits: dict[str, dict[str, int]],
-                         calibration: CalibrationSet) -> dict[str, float]:
+                         calibration: CalibrationSet,
+                         ranges: list[AttentionRanges] | None = None) -> dict[str, float]:
     """The calibration images' mean KL divergence of the quantized logits from the float model's, for the mixed
     allocation `layer_bits` and for uniform bits: ``{"allocation": kl, "uniform": kl}`` (`uniform_fallback`).
 
     Each plan is quantized on a converted copy of the layers (calibration only, no reconstruction) and then removed:
     the float `model` is unchanged on return. Costs two calibrations plus three forward passes of the images (the
-    float logits, then each plan's)."""
+    float logits, then each plan's). `ranges`: see `sensitivity.trial_loss`."""
     trial_config = calibration_only(config)
     with trial_mode(model, calibration.batches) as (images, reference):
-        return {label: trial_loss(model, layout, trial_config, bits, images, reference, "kl")
+        return {label: trial_loss(model, layout, trial_config, bits, images, reference, "kl", ranges)
                 for label, bits in (("allocation", layer_bits), ("uniform", uniform_bits))}

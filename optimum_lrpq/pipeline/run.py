@@ -28,7 +28,7 @@ from .calibration_data import CalibrationSet, prepare_calibration_data
 from .conversion import convert_model, plan_layer_bits, restore_model
 from .mixed_precision import choose_layer_bits, compare_with_uniform, prefers_uniform, unit_sensitivity
 from .placement import onload
-from .smoothing import query_key_ranges, smooth_queries_and_keys
+from .smoothing import attention_ranges, converted_copies, fold_attention_changes, uses_attention_ranges
 
 logger = logging.get_logger(__name__)
 
@@ -75,17 +75,17 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
     was_training = model.training
     model.eval()
     result = QuantizationResult(config)
-    layer_bits = _choose_bits(model, layout, config, calibration, show_progress, result)
     ranges = None
-    if config.qk_smoothing:  # measured on the float model; folded into the converted copies of q and k below
+    if uses_attention_ranges(config):  # measured on the float model; folded into the converted copies below
         start = time.perf_counter()
-        ranges = query_key_ranges(model, layout, calibration.batches, show_progress=show_progress)
-        result.timings["qk_ranges"] = time.perf_counter() - start
+        ranges = attention_ranges(model, layout, calibration.batches, show_progress=show_progress)
+        result.timings["attention_ranges"] = time.perf_counter() - start
+    layer_bits = _choose_bits(model, layout, config, calibration, show_progress, result, ranges)
     previous_attention = model.config._attn_implementation
     replaced = convert_model(model, layout, layer_bits, config, skeleton=False)
     try:
         if ranges is not None:
-            smooth_queries_and_keys(model, layout, ranges, float(config.qk_smoothing))
+            fold_attention_changes(model, layout, ranges, config, converted_copies(model, replaced))
         model.set_attn_implementation(ATTENTION_KEY)
         calibrate(model, layout, config, calibration.batches, show_progress=show_progress, timings=result.timings)
     except BaseException:
@@ -109,7 +109,7 @@ def _uses_labels(config: LRPQConfig) -> bool:
 
 
 def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet, show_progress: bool,
-                 result: QuantizationResult) -> dict[str, dict[str, int]]:
+                 result: QuantizationResult, ranges) -> dict[str, dict[str, int]]:
     bits = plan_layer_bits(layout, config)
     if not config.mixed_precision:
         return bits
@@ -129,7 +129,7 @@ def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet,
         result.timings["relevance"] = time.perf_counter() - start
     if config.allocation in SENSITIVITY_ALLOCATIONS:
         start = time.perf_counter()
-        result.sensitivity = unit_sensitivity(model, layout, config, bits, calibration, show_progress)
+        result.sensitivity = unit_sensitivity(model, layout, config, bits, calibration, show_progress, ranges)
         result.timings["sensitivity"] = time.perf_counter() - start
     start = time.perf_counter()
     uniform = bits
@@ -137,7 +137,7 @@ def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet,
     result.timings["allocation"] = time.perf_counter() - start
     if config.uniform_fallback and bits != uniform:
         start = time.perf_counter()
-        result.uniform_check = compare_with_uniform(model, layout, config, bits, uniform, calibration)
+        result.uniform_check = compare_with_uniform(model, layout, config, bits, uniform, calibration, ranges)
         result.timings["uniform_check"] = time.perf_counter() - start
         allocation_kl, uniform_kl = result.uniform_check["allocation"], result.uniform_check["uniform"]
         if prefers_uniform(result.uniform_check):

@@ -40,6 +40,7 @@ from ..nn import ATTENTION_KEY
 from .calibration import calibrate
 from .conversion import convert_model, restore_model
 from .placement import model_device_and_dtype
+from .smoothing import AttentionRanges, converted_copies, fold_attention_changes
 from .units import unit_layer_bits
 
 logger = logging.get_logger(__name__)
@@ -116,13 +117,17 @@ def trial_mode(model: nn.Module, batches: list[torch.Tensor]):
 
 @torch.no_grad()
 def trial_loss(model: nn.Module, layout: ModelLayout, config: LRPQConfig, layer_bits: dict[str, dict[str, int]],
-               batches: list[torch.Tensor], reference: list[torch.Tensor], metric: str) -> float:
+               batches: list[torch.Tensor], reference: list[torch.Tensor], metric: str,
+               ranges: list[AttentionRanges] | None = None) -> float:
     """Mean per-image `logit_loss` against the float `reference` logits of `model` quantized with `layer_bits`
     (converted, calibrated on `batches`, evaluated, then restored: the float model is unchanged on return).
 
-    Run it inside `trial_mode`."""
+    `ranges` (`smoothing.attention_ranges` of the float model) makes the trial centre / smooth its converted layers
+    as the final quantization does (`smoothing.fold_attention_changes`). Run it inside `trial_mode`."""
     replaced = convert_model(model, layout, layer_bits, config, skeleton=False)
     try:
+        if ranges is not None:
+            fold_attention_changes(model, layout, ranges, config, converted_copies(model, replaced))
         calibrate(model, layout, config, batches, show_progress=False)
         total = sum(float(logit_loss(_logits(model(pixel_values=b)).float(), ref, metric).sum())
                     for b, ref in zip(batches, reference, strict=True))
@@ -143,6 +148,7 @@ def measure_sensitivity(
     *,
     metric: str = "kl",
     show_progress: bool = True,
+    ranges: list[AttentionRanges] | None = None,
 ) -> dict[str, dict[int, float]]:
     """``{unit name: {bits: loss increase}}`` with only that unit quantized at ``bits`` (see the module docstring).
 
@@ -156,6 +162,7 @@ def measure_sensitivity(
         candidate_bits: the widths to measure.
         metric: "kl" or "mse" (see `logit_loss`).
         show_progress: tqdm progress bar.
+        ranges: the float model's attention ranges, to centre / smooth each trial as the quantization does.
     """
     _check_metric(metric)  # before any work
     if not batches:
@@ -166,7 +173,7 @@ def measure_sensitivity(
         jobs = [(unit, bits) for unit in units for bits in sorted(set(candidate_bits))]
         for unit, bits in tqdm(jobs, desc="Sensitivity", unit="config", disable=not show_progress):
             loss = trial_loss(model, layout, config, unit_layer_bits(unit, layout, uniform_bits, bits, bits),
-                              images, reference, metric)
+                              images, reference, metric, ranges)
             if not math.isfinite(loss):
                 logger.warning(f"Quantizing {unit.name} alone at {bits} bits gives non-finite logits; its "
                                f"sensitivity at {bits} bits is set to {NON_FINITE_LOSS:g}.")

@@ -1,52 +1,143 @@
-"""Query/key smoothing (`LRPQConfig.qk_smoothing`, `quantization.smoothing`) applied to a model being quantized.
+"""Exact changes of the attention operands before quantization (`quantization.smoothing`), applied to a model.
 
-The channel ranges are measured on the float model, before conversion (one float pass over the calibration
-images); the factors are then folded into the converted q and k layers' float weights, which are copies, so the
-original modules stay as they were if quantization fails and is rolled back.
+Key/value centering (`LRPQConfig.center_keys`, `center_values`) and query/key smoothing (`qk_smoothing`) keep the
+float model's function and narrow the ranges the q/k/v quantizers must cover. The channel ranges are measured on
+the float model, before conversion (one float pass over the calibration images); the shifts and factors are then
+folded into the converted layers' float weights and biases, which are copies, so the original modules stay as they
+were if quantization fails and is rolled back.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.utils import logging
 
+from ..configuration import LRPQConfig
 from ..models import ModelLayout
-from ..quantization.smoothing import query_key_factors
+from ..quantization.smoothing import absmax, midrange, query_key_factors
 from .placement import model_device_and_dtype
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class ChannelRange:
+    """Per-channel minimum and maximum (float32, on the CPU) of a layer's output over the calibration tokens."""
+
+    minimum: torch.Tensor
+    maximum: torch.Tensor
+
+    def update(self, output: torch.Tensor) -> None:
+        flat = output.detach().reshape(-1, output.shape[-1])
+        self.minimum = torch.minimum(self.minimum, flat.amin(dim=0).float().cpu())
+        self.maximum = torch.maximum(self.maximum, flat.amax(dim=0).float().cpu())
+
+
+@dataclass
+class AttentionRanges:
+    """The q, k and v projections' output ranges of one block."""
+
+    query: ChannelRange
+    key: ChannelRange
+    value: ChannelRange
 
 
 @torch.no_grad()
-def query_key_ranges(model: nn.Module, layout: ModelLayout, batches: list[torch.Tensor],
-                     show_progress: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(max|q_c|, max|k_c|) per block of `layout`, over every token of `batches`, from the float model."""
-    maxima: dict[str, torch.Tensor] = {}
+def attention_ranges(model: nn.Module, layout: ModelLayout, batches: list[torch.Tensor],
+                     show_progress: bool = True) -> list[AttentionRanges]:
+    """The q/k/v output ranges of every block of `layout`, over every token of `batches`, from the float model."""
+    ranges: dict[str, ChannelRange] = {}
 
     def record(name: str):
         def hook(module, args, output):
-            absmax = output.detach().abs().reshape(-1, output.shape[-1]).amax(dim=0).float().cpu()
-            maxima[name] = absmax if name not in maxima else torch.maximum(maxima[name], absmax)
+            if name not in ranges:
+                flat = output.detach().reshape(-1, output.shape[-1])
+                ranges[name] = ChannelRange(flat.amin(dim=0).float().cpu(), flat.amax(dim=0).float().cpu())
+            else:
+                ranges[name].update(output)
         return hook
 
     handles = [model.get_submodule(name).register_forward_hook(record(name))
-               for block in layout.blocks for name in (block.q, block.k)]
+               for block in layout.blocks for name in (block.q, block.k, block.v)]
     try:
         device, dtype = model_device_and_dtype(model)
-        for batch in tqdm(batches, desc="Query/key ranges", unit="batch", disable=not show_progress):
+        for batch in tqdm(batches, desc="Attention ranges", unit="batch", disable=not show_progress):
             model(pixel_values=batch.to(device=device, dtype=dtype))
     finally:
         for handle in handles:
             handle.remove()
-    return [(maxima[block.q], maxima[block.k]) for block in layout.blocks]
+    return [AttentionRanges(ranges[block.q], ranges[block.k], ranges[block.v]) for block in layout.blocks]
+
+
+def _check_width(layer: nn.Module, shift: torch.Tensor, name: str) -> None:
+    if layer.weight.shape[0] != shift.numel():
+        raise ValueError(f"{name}: {shift.numel()} channel ranges for {layer.weight.shape[0]} output channels.")
 
 
 @torch.no_grad()
-def smooth_queries_and_keys(model: nn.Module, layout: ModelLayout,
-                            ranges: list[tuple[torch.Tensor, torch.Tensor]], alpha: float) -> None:
-    """Multiply each block's q rows by s and divide its k rows by s (`query_key_factors`), weights and biases."""
-    for block, (query_absmax, key_absmax) in zip(layout.blocks, ranges, strict=True):
+def center_keys_and_values(model: nn.Module, layout: ModelLayout, ranges: list[AttentionRanges], *,
+                           keys: bool = True, values: bool = True,
+                           layers: Collection[str] | None = None) -> list[AttentionRanges]:
+    """Shift each block's k (and v) channels to their midrange through the biases; v's shift returns through o's.
+
+    Returns the ranges of the centred channels (`ranges` is not modified). Only the modules named in `layers` (all
+    when None) may change: the quantization passes its converted copies, so a module kept in float
+    (`modules_to_not_convert`) is never edited. A block whose projection has no bias to carry the shift (a model
+    built without q/k/v bias) or whose layers may not change is left as it is: adding a bias would change the
+    checkpoint's tensors.
+    """
+    def changeable(*names: str) -> bool:
+        return layers is None or all(name in layers for name in names)
+
+    skipped, centred = [], []
+    for block, block_ranges in zip(layout.blocks, ranges, strict=True):
+        block_ranges = AttentionRanges(block_ranges.query, block_ranges.key, block_ranges.value)
+        centred.append(block_ranges)
+        key, value, output = (model.get_submodule(name) for name in (block.k, block.v, block.o))
+        if keys:
+            shift = midrange(block_ranges.key.minimum, block_ranges.key.maximum)
+            _check_width(key, shift, block.k)
+            if key.bias is None or not changeable(block.k):
+                skipped.append(block.k)
+            else:
+                key.bias.sub_(shift.to(key.bias))
+                block_ranges.key = ChannelRange(block_ranges.key.minimum - shift, block_ranges.key.maximum - shift)
+        if values:
+            shift = midrange(block_ranges.value.minimum, block_ranges.value.maximum)
+            _check_width(value, shift, block.v)
+            if (value.bias is None or output.bias is None or output.weight.shape[1] != shift.numel()
+                    or not changeable(block.v, block.o)):
+                skipped.append(block.v)
+            else:
+                value.bias.sub_(shift.to(value.bias))
+                # W_o's float weight, not its quantized one: the error left is (W_q - W_o)(PV - m), on the centred
+                # inputs that the weight rounding (GPTQ) also minimises against.
+                output.bias.add_((output.weight.float() @ shift.to(output.weight.device)).to(output.bias))
+                block_ranges.value = ChannelRange(block_ranges.value.minimum - shift,
+                                                  block_ranges.value.maximum - shift)
+    if skipped:
+        logger.info(f"Not centred (no bias to carry the shift, or kept in float): {', '.join(skipped)}.")
+    return centred
+
+
+@torch.no_grad()
+def smooth_queries_and_keys(model: nn.Module, layout: ModelLayout, ranges: list[AttentionRanges],
+                            alpha: float, layers: Collection[str] | None = None) -> None:
+    """Multiply each block's q rows by s and divide its k rows by s (`query_key_factors`), weights and biases.
+
+    Only blocks whose q and k are both named in `layers` (all when None) change (see `center_keys_and_values`)."""
+    for block, block_ranges in zip(layout.blocks, ranges, strict=True):
+        if layers is not None and not (block.q in layers and block.k in layers):
+            continue
         query, key = model.get_submodule(block.q), model.get_submodule(block.k)
-        factors = query_key_factors(query_absmax, key_absmax, alpha).to(query.weight.device)
+        factors = query_key_factors(absmax(block_ranges.query.minimum, block_ranges.query.maximum),
+                                    absmax(block_ranges.key.minimum, block_ranges.key.maximum), alpha)
+        factors = factors.to(query.weight.device)
         for layer, scale in ((query, factors), (key, factors.reciprocal())):
             if layer.weight.shape[0] != scale.numel():
                 raise ValueError(f"{block.q} / {block.k}: {scale.numel()} channel ranges for "
@@ -54,3 +145,27 @@ def smooth_queries_and_keys(model: nn.Module, layout: ModelLayout,
             layer.weight.mul_(scale.to(layer.weight.dtype)[:, None])
             if layer.bias is not None:
                 layer.bias.mul_(scale.to(layer.bias.dtype))
+
+
+def uses_attention_ranges(config: LRPQConfig) -> bool:
+    """Whether `config` changes the attention operands (`fold_attention_changes` needs `attention_ranges`)."""
+    return bool(config.center_keys or config.center_values or config.qk_smoothing)
+
+
+def fold_attention_changes(model: nn.Module, layout: ModelLayout, ranges: list[AttentionRanges],
+                           config: LRPQConfig, layers: Collection[str]) -> None:
+    """Centre k and v, then smooth q and k, as `config` says, in the modules named in `layers` (converted copies).
+
+    The final quantization and every trial quantization of mixed precision call this on their converted layers, so a
+    trial measures the model the same plan would give."""
+    if config.center_keys or config.center_values:
+        ranges = center_keys_and_values(model, layout, ranges, keys=config.center_keys, values=config.center_values,
+                                        layers=layers)
+    if config.qk_smoothing:  # after centring: the key factors follow the centred ranges
+        smooth_queries_and_keys(model, layout, ranges, float(config.qk_smoothing), layers=layers)
+
+
+def converted_copies(model: nn.Module, replaced: dict[str, nn.Module]) -> set[str]:
+    """The names in `conversion.convert_model`'s result whose module was swapped for a new one (not the attention
+    modules, which only gain quantizers)."""
+    return {name for name, original in replaced.items() if model.get_submodule(name) is not original}

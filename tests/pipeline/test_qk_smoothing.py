@@ -12,7 +12,8 @@ from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.models import get_adapter
 from optimum_lrpq.nn import is_quantized_module
 from optimum_lrpq.pipeline import run
-from optimum_lrpq.pipeline.smoothing import query_key_ranges, smooth_queries_and_keys
+from optimum_lrpq.pipeline.smoothing import AttentionRanges, ChannelRange, attention_ranges, smooth_queries_and_keys
+from optimum_lrpq.quantization.smoothing import absmax
 
 
 def test_option_validation():
@@ -27,15 +28,16 @@ def test_smoothing_keeps_the_float_function_and_balances_q_and_k(name):
     model = build(name)
     layout = get_adapter(model).layout(model)
     batches = [pixels(8), pixels(8, seed=2)]
-    ranges = query_key_ranges(model, layout, batches, show_progress=False)
+    ranges = attention_ranges(model, layout, batches, show_progress=False)
     smoothed = copy.deepcopy(model)
     smooth_queries_and_keys(smoothed, layout, ranges, 0.5)
     x = pixels(4, seed=7)
     torch.testing.assert_close(logits(smoothed, x), logits(model, x), rtol=1e-4, atol=1e-5)
     block = layout.blocks[0]
     assert not torch.equal(smoothed.get_submodule(block.k).weight, model.get_submodule(block.k).weight)
-    after = query_key_ranges(smoothed, layout, batches, show_progress=False)
-    for query, key in after:  # alpha = 1/2: the same range on both sides of every channel
+    after = attention_ranges(smoothed, layout, batches, show_progress=False)
+    for block_ranges in after:  # alpha = 1/2: the same range on both sides of every channel
+        query, key = (absmax(r.minimum, r.maximum) for r in (block_ranges.query, block_ranges.key))
         torch.testing.assert_close(query, key, rtol=1e-4, atol=1e-6)
 
 
@@ -69,7 +71,7 @@ def test_a_failure_after_smoothing_leaves_the_model_as_given(monkeypatch):
 def test_ranges_of_the_wrong_width_are_named():
     model = build("vit")
     layout = get_adapter(model).layout(model)
-    ranges = [(torch.ones(3), torch.ones(3)) for _ in layout.blocks]
+    ranges = [AttentionRanges(*(ChannelRange(-torch.ones(3), torch.ones(3)) for _ in range(3))) for _ in layout.blocks]
     block = layout.blocks[0]
     with pytest.raises(ValueError, match=rf"{block.q} / {block.k}: 3 channel ranges for 32 output channels"):
         smooth_queries_and_keys(model, layout, ranges, 0.5)
