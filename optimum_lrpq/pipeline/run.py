@@ -26,7 +26,13 @@ from ..relevance import compute_relevance
 from .calibration import calibrate
 from .calibration_data import CalibrationSet, prepare_calibration_data
 from .conversion import convert_model, plan_layer_bits, restore_model
-from .mixed_precision import choose_layer_bits, compare_with_uniform, prefers_uniform, unit_sensitivity
+from .mixed_precision import (
+    choose_layer_bits,
+    compare_with_uniform,
+    prefers_uniform,
+    uniform_fallback_ratio,
+    unit_sensitivity,
+)
 from .placement import onload
 from .smoothing import attention_ranges, converted_copies, fold_attention_changes, uses_attention_ranges
 
@@ -140,9 +146,10 @@ def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet,
         result.uniform_check = compare_with_uniform(model, layout, config, bits, uniform, calibration, ranges)
         result.timings["uniform_check"] = time.perf_counter() - start
         allocation_kl, uniform_kl = result.uniform_check["allocation"], result.uniform_check["uniform"]
-        if prefers_uniform(result.uniform_check):
+        ratio = uniform_fallback_ratio(config.weight_bits, config.activation_bits)
+        if prefers_uniform(result.uniform_check, ratio):
             logger.warning(
-                f"Mixed precision: the {config.allocation!r} allocation diverges clearly more from the float model "
+                f"Mixed precision: the {config.allocation!r} allocation diverges more from the float model "
                 f"on the calibration images (mean KL of the logits {allocation_kl:.4g}) than uniform "
                 f"W{config.weight_bits}A{config.activation_bits} ({uniform_kl:.4g}); keeping uniform bits. Pass "
                 "uniform_fallback=False to keep the allocation."

@@ -12,7 +12,12 @@ from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.models import get_adapter
-from optimum_lrpq.pipeline.mixed_precision import UNIFORM_FALLBACK_RATIO, layer_macs, prefers_uniform
+from optimum_lrpq.pipeline.mixed_precision import (
+    UNIFORM_FALLBACK_RATIO,
+    layer_macs,
+    prefers_uniform,
+    uniform_fallback_ratio,
+)
 from optimum_lrpq.pipeline.sensitivity import logit_loss
 from optimum_lrpq.pipeline.units import allocation_units
 
@@ -168,7 +173,7 @@ def test_uniform_fallback_keeps_the_plan_closer_to_the_float_model(budget, caplo
     assert check["allocation"] == pytest.approx(_kl_on(allocation_model, images, reference), rel=1e-5, abs=1e-12)
     bits = model.config.quantization_config.layer_bits
     uniform_bits = uniform_model.config.quantization_config.layer_bits
-    if check["uniform"] < UNIFORM_FALLBACK_RATIO * check["allocation"]:
+    if check["uniform"] < uniform_fallback_ratio(budget, budget) * check["allocation"]:
         assert bits == uniform_bits
         assert "keeping uniform bits" in caplog.text and "uniform_fallback=False" in caplog.text
     else:
@@ -195,3 +200,10 @@ def test_uniform_fallback_must_be_a_bool():
 ])
 def test_fallback_needs_uniform_clearly_closer(allocation_kl, uniform_kl, expected):
     assert prefers_uniform({"allocation": allocation_kl, "uniform": uniform_kl}) is expected
+
+
+def test_fallback_ratio_by_budget():
+    assert uniform_fallback_ratio(4, 4) == uniform_fallback_ratio(6, 4) == UNIFORM_FALLBACK_RATIO
+    assert uniform_fallback_ratio(6, 6) == uniform_fallback_ratio(8, 6) == 1.0
+    check = {"allocation": 0.0245, "uniform": 0.0225}  # DINOv2-S W6A6, draw 2 (ratio 0.92): uniform won on test
+    assert not prefers_uniform(check) and prefers_uniform(check, uniform_fallback_ratio(6, 6))
