@@ -139,6 +139,12 @@ def convert_model(
     return replaced
 
 
+def converted_copies(model: nn.Module, replaced: dict[str, nn.Module]) -> set[str]:
+    """The names in `convert_model`'s result whose module was swapped for a new one (not the attention modules,
+    which only gain quantizers): the modules a later step may edit without touching the caller's originals."""
+    return {name for name, original in replaced.items() if model.get_submodule(name) is not original}
+
+
 def restore_model(model: nn.Module, replaced: dict[str, nn.Module]) -> None:
     """Undo `convert_model`: put the original modules back and detach the attention quantizers."""
     for name, original in replaced.items():

@@ -25,7 +25,7 @@ from ..options import RELEVANCE_ALLOCATIONS, SENSITIVITY_ALLOCATIONS
 from ..relevance import compute_relevance
 from .calibration import calibrate
 from .calibration_data import CalibrationSet, prepare_calibration_data
-from .conversion import convert_model, plan_layer_bits, restore_model
+from .conversion import convert_model, converted_copies, plan_layer_bits, restore_model
 from .mixed_precision import (
     choose_layer_bits,
     compare_with_uniform,
@@ -34,7 +34,7 @@ from .mixed_precision import (
     unit_sensitivity,
 )
 from .placement import onload
-from .smoothing import attention_ranges, converted_copies, fold_attention_changes, uses_attention_ranges
+from .smoothing import AttentionRanges, attention_ranges, fold_attention_changes, uses_attention_ranges
 
 logger = logging.get_logger(__name__)
 
@@ -115,7 +115,8 @@ def _uses_labels(config: LRPQConfig) -> bool:
 
 
 def _choose_bits(model, layout, config: LRPQConfig, calibration: CalibrationSet, show_progress: bool,
-                 result: QuantizationResult, ranges) -> dict[str, dict[str, int]]:
+                 result: QuantizationResult,
+                 ranges: list[AttentionRanges] | None) -> dict[str, dict[str, int]]:
     bits = plan_layer_bits(layout, config)
     if not config.mixed_precision:
         return bits

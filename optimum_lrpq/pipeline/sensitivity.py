@@ -38,9 +38,9 @@ from ..configuration import SENSITIVITY_METRICS, LRPQConfig
 from ..models import ModelLayout
 from ..nn import ATTENTION_KEY
 from .calibration import calibrate
-from .conversion import convert_model, restore_model
+from .conversion import convert_model, converted_copies, restore_model
 from .placement import model_device_and_dtype
-from .smoothing import AttentionRanges, converted_copies, fold_attention_changes
+from .smoothing import AttentionRanges, fold_attention_changes
 from .units import unit_layer_bits
 
 logger = logging.get_logger(__name__)

@@ -32,10 +32,19 @@ class ChannelRange:
     minimum: torch.Tensor
     maximum: torch.Tensor
 
-    def update(self, output: torch.Tensor) -> None:
+    @classmethod
+    def of(cls, output: torch.Tensor) -> ChannelRange:
         flat = output.detach().reshape(-1, output.shape[-1])
-        self.minimum = torch.minimum(self.minimum, flat.amin(dim=0).float().cpu())
-        self.maximum = torch.maximum(self.maximum, flat.amax(dim=0).float().cpu())
+        return cls(flat.amin(dim=0).float().cpu(), flat.amax(dim=0).float().cpu())
+
+    def update(self, output: torch.Tensor) -> None:
+        seen = ChannelRange.of(output)
+        self.minimum = torch.minimum(self.minimum, seen.minimum)
+        self.maximum = torch.maximum(self.maximum, seen.maximum)
+
+    def shifted(self, shift: torch.Tensor) -> ChannelRange:
+        """The range of the channels after `shift` is subtracted from them."""
+        return ChannelRange(self.minimum - shift, self.maximum - shift)
 
 
 @dataclass
@@ -56,8 +65,7 @@ def attention_ranges(model: nn.Module, layout: ModelLayout, batches: list[torch.
     def record(name: str):
         def hook(module, args, output):
             if name not in ranges:
-                flat = output.detach().reshape(-1, output.shape[-1])
-                ranges[name] = ChannelRange(flat.amin(dim=0).float().cpu(), flat.amax(dim=0).float().cpu())
+                ranges[name] = ChannelRange.of(output)
             else:
                 ranges[name].update(output)
         return hook
@@ -106,7 +114,7 @@ def center_keys_and_values(model: nn.Module, layout: ModelLayout, ranges: list[A
                 skipped.append(block.k)
             else:
                 key.bias.sub_(shift.to(key.bias))
-                block_ranges.key = ChannelRange(block_ranges.key.minimum - shift, block_ranges.key.maximum - shift)
+                block_ranges.key = block_ranges.key.shifted(shift)
         if values:
             shift = midrange(block_ranges.value.minimum, block_ranges.value.maximum)
             _check_width(value, shift, block.v)
@@ -118,8 +126,7 @@ def center_keys_and_values(model: nn.Module, layout: ModelLayout, ranges: list[A
                 # W_o's float weight, not its quantized one: the error left is (W_q - W_o)(PV - m), on the centred
                 # inputs that the weight rounding (GPTQ) also minimises against.
                 output.bias.add_((output.weight.float() @ shift.to(output.weight.device)).to(output.bias))
-                block_ranges.value = ChannelRange(block_ranges.value.minimum - shift,
-                                                  block_ranges.value.maximum - shift)
+                block_ranges.value = block_ranges.value.shifted(shift)
     if skipped:
         logger.info(f"Not centred (no bias to carry the shift, or kept in float): {', '.join(skipped)}.")
     return centred
@@ -139,9 +146,7 @@ def smooth_queries_and_keys(model: nn.Module, layout: ModelLayout, ranges: list[
                                     absmax(block_ranges.key.minimum, block_ranges.key.maximum), alpha)
         factors = factors.to(query.weight.device)
         for layer, scale in ((query, factors), (key, factors.reciprocal())):
-            if layer.weight.shape[0] != scale.numel():
-                raise ValueError(f"{block.q} / {block.k}: {scale.numel()} channel ranges for "
-                                 f"{layer.weight.shape[0]} output channels.")
+            _check_width(layer, scale, f"{block.q} / {block.k}")
             layer.weight.mul_(scale.to(layer.weight.dtype)[:, None])
             if layer.bias is not None:
                 layer.bias.mul_(scale.to(layer.bias.dtype))
@@ -163,9 +168,3 @@ def fold_attention_changes(model: nn.Module, layout: ModelLayout, ranges: list[A
                                         layers=layers)
     if config.qk_smoothing:  # after centring: the key factors follow the centred ranges
         smooth_queries_and_keys(model, layout, ranges, float(config.qk_smoothing), layers=layers)
-
-
-def converted_copies(model: nn.Module, replaced: dict[str, nn.Module]) -> set[str]:
-    """The names in `conversion.convert_model`'s result whose module was swapped for a new one (not the attention
-    modules, which only gain quantizers)."""
-    return {name for name, original in replaced.items() if model.get_submodule(name) is not original}
