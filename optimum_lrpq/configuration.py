@@ -131,7 +131,10 @@ class LRPQConfig(QuantizationConfigMixin):
         center_keys: before quantizing, shift each key channel by its midrange over the calibration tokens (folded
             into the k projection's bias). Each query's scores shift by one constant, which softmax ignores, so the
             float model is unchanged, and the per-head key grid no longer has to cover every channel's offset.
-            Costs one float pass over the calibration images (shared with `center_values` and `qk_smoothing`).
+            The ranges are measured during calibration's own pass (its min/max observations corrected after it);
+            with range estimators that keep samples, per-tensor o_proj inputs, or mixed precision (whose trials need
+            the ranges first) by one float pass over the calibration images before (shared with `center_values` and
+            `qk_smoothing`).
         center_values: the same for the value channels (folded into the v projection's bias, and back into the
             output projection's bias: probabilities sum to one, so the attention output shifts by the same
             constant). Blocks whose projections have no bias, or are kept in float, are left as they are. Real
@@ -141,9 +144,9 @@ class LRPQConfig(QuantizationConfigMixin):
         qk_smoothing: None (off) or the migration strength alpha in [0, 1] of query/key smoothing: before
             quantizing, query channel c is multiplied by s_c = (max|k_c| / max|q_c|) ** alpha and key channel c
             divided by it (folded into the q and k projections; every attention score, so the float model, is
-            unchanged), so that one 4-bit step per head serves both operands (`quantization.smoothing`). Costs one
-            float pass over the calibration images. Trial quantizations of mixed precision are smoothed like the
-            final one.
+            unchanged), so that one 4-bit step per head serves both operands (`quantization.smoothing`). Its ranges
+            are measured like `center_keys`'. Trial quantizations of mixed precision are smoothed like the final
+            one.
         linear_input_granularity: input quantizers of o_proj and fc2 (the block linears not fed by a LayerNorm;
             the classifier heads have `head_input_granularity`): "per_channel" (default; one step per
             input channel, applied where the producer's output - GELU, the attention product - is requantized, so

@@ -6,7 +6,7 @@ Operates on a model already converted with `conversion.convert_model(..., skelet
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,7 @@ from ..quantization.reparameterization import reparameterize, search_fold_streng
 from .observers import ActivationObserver
 from .placement import model_device_and_dtype
 from .reconstruction import reconstruct_blocks
+from .smoothing import AttentionRangeRecorder, AttentionRanges, ChannelRange, fold_attention_changes
 
 logger = logging.get_logger(__name__)
 
@@ -121,6 +122,17 @@ class InputMoments:
             end = start + self.BLOCK
             self.sum_outer[start:end, start:].addmm_(rows[:, start:end].T, rows[:, start:])
         self.count += rows.shape[0]
+
+    def shift(self, shift: torch.Tensor) -> None:
+        """Turn the sums into those of the rows x - `shift`: Σ(x-m)(x-m)ᵀ = Σxxᵀ - m(Σx)ᵀ - (Σx)mᵀ + n·mmᵀ.
+
+        In float64 for the cancellation (a channel's mean can be several times its spread). The correction is
+        symmetric, so adding it to the whole matrix leaves the block upper triangle right."""
+        m = shift.double().to(self.sum.device)
+        total = self.sum.double()
+        correction = self.count * torch.outer(m, m) - torch.outer(m, total) - torch.outer(total, m)
+        self.sum_outer.copy_(self.sum_outer.double() + correction)
+        self.sum.copy_(total - self.count * m)
 
     def _full_outer(self) -> torch.Tensor:
         upper = self.sum_outer.triu()
@@ -296,11 +308,53 @@ def freeze_weights(model: nn.Module, range_method: str,
             module.store(part, scale, zero_point)
 
 
+def _head_ranges(channels: ChannelRange, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """min/max over each of `groups` consecutive runs of channels (heads; one group: the whole tensor)."""
+    return channels.minimum.reshape(groups, -1).amin(dim=1), channels.maximum.reshape(groups, -1).amax(dim=1)
+
+
+def correct_attention_observations(model: nn.Module, layout: ModelLayout, measured: list[AttentionRanges],
+                                   changed: list[AttentionRanges], moments: dict[str, InputMoments]) -> None:
+    """Make a pass that observed the attention operands before `fold_attention_changes` read as if it came after.
+
+    The q/k/v quantizers' observers take the min/max of the changed channels (their grids are per head or per
+    tensor: the reduction of the channel ranges); v's shift is subtracted from the output projection's input
+    observer and input moments (probabilities sum to one, so its inputs lose exactly that shift).
+    """
+    for block, before, after in zip(layout.blocks, measured, changed, strict=True):
+        attention = model.get_submodule(block.attention)
+        for attr, name, raw, new in (("q_quant", block.q, before.query, after.query),
+                                     ("k_quant", block.k, before.key, after.key),
+                                     ("v_quant", block.v, before.value, after.value)):
+            observer = getattr(getattr(attention, attr, None), "observer", None)
+            if observer is None:
+                continue
+            groups = observer.low.numel()
+            low, high = _head_ranges(raw, groups)
+            # The correction is exact only if the quantizer saw the projection's outputs as they are.
+            if not (torch.allclose(low, observer.low.cpu(), rtol=1e-6, atol=1e-6)
+                    and torch.allclose(high, observer.high.cpu(), rtol=1e-6, atol=1e-6)):
+                raise RuntimeError(f"{block.attention}.{attr} observed other values than the outputs of {name}; the "
+                                   "attention changes cannot be folded after calibration for this architecture.")
+            observer.replace_range(*_head_ranges(new, groups))
+        if after.value_shift is None:
+            continue
+        observer = getattr(getattr(model.get_submodule(block.o), "input_quant", None), "observer", None)
+        if observer is not None:
+            observer.shift_channels(after.value_shift)
+        if block.o in moments:
+            moments[block.o].shift(after.value_shift)
+
+
 def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches: list[torch.Tensor],
-              show_progress: bool = True, timings: dict[str, float] | None = None) -> None:
+              show_progress: bool = True, timings: dict[str, float] | None = None,
+              fold_attention_into: Collection[str] | None = None) -> None:
     """One observation pass, reparameterization, then weights and activation grids are fixed.
 
-    `timings`, if given, receives the seconds spent in each stage.
+    `timings`, if given, receives the seconds spent in each stage. `fold_attention_into` (the converted layers that
+    may change): measure the attention ranges during the observation pass, fold the attention changes of `config`
+    into those layers after it (`smoothing.fold_attention_changes`) and correct the observations accordingly, in
+    place of a float pass of its own before calibration (needs `smoothing.ranges_measurable_in_calibration`).
     """
     timings = {} if timings is None else timings
     attach_observers(model, config, len(batches), mlp_hidden_quantizers(model, layout))
@@ -308,6 +362,7 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
                      else frozenset())
     moments, handles = (attach_moment_hooks(model, layout, skip=reconstructed) if config.weight_rounding == "gptq"
                         else ({}, []))
+    recorder = AttentionRangeRecorder(model, layout) if fold_attention_into is not None else None
     try:
         start = time.perf_counter()
         run_batches(model, batches, "Calibrating", show_progress)
@@ -315,6 +370,11 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
             handle.remove()
         timings["calibration_pass"] = time.perf_counter() - start
         start = time.perf_counter()
+        if recorder is not None:
+            recorder.remove()
+            measured = recorder.ranges()
+            changed = fold_attention_changes(model, layout, measured, config, fold_attention_into)
+            correct_attention_observations(model, layout, measured, changed, moments)
         folds = set_layernorm_grids(model, layout, config)
 
         # Before the weights: a layer that folds its input steps into its weight columns needs them calibrated.
@@ -343,6 +403,8 @@ def calibrate(model: nn.Module, layout: ModelLayout, config: LRPQConfig, batches
     finally:
         for handle in handles:
             handle.remove()
+        if recorder is not None:
+            recorder.remove()
         for module in model.modules():
             if isinstance(module, ActivationQuantizer):
                 module.observer = None

@@ -65,6 +65,29 @@ class ActivationObserver:
         if self.keep_samples:
             self._samples.append(self._subsample(x).cpu())
 
+    def _check_range_only(self, what: str) -> None:
+        self._check_observed()
+        if self.keep_samples:
+            raise RuntimeError(f"The observer of {self.name!r} kept samples, which {what} cannot follow; only min/max "
+                               "observations can be corrected after the pass.")
+
+    def shift_channels(self, shift: torch.Tensor) -> None:
+        """Correct a per-channel min/max for inputs that should have been x - `shift` (one value per channel)."""
+        self._check_range_only("a channel shift")
+        if not self.per_channel or shift.numel() != self.low.numel():
+            raise RuntimeError(f"The observer of {self.name!r} has {self.low.numel()} ranges, not one per channel of a "
+                               f"shift of {shift.numel()}.")
+        shift = shift.to(self.low)
+        self.low, self.high = self.low - shift, self.high - shift
+
+    def replace_range(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Take the min/max of the inputs this observer should have seen, computed exactly elsewhere."""
+        self._check_range_only("a new range")
+        if low.shape != self.low.shape or high.shape != self.high.shape:
+            raise RuntimeError(f"The observer of {self.name!r} holds ranges of shape {tuple(self.low.shape)}, not "
+                               f"{tuple(low.shape)}.")
+        self.low, self.high = low.to(self.low), high.to(self.high)
+
     def _subsample(self, x: torch.Tensor) -> torch.Tensor:
         # Random indices with replacement: O(quota) work instead of a permutation of the whole tensor.
         if self.per_channel:

@@ -34,7 +34,13 @@ from .mixed_precision import (
     unit_sensitivity,
 )
 from .placement import onload
-from .smoothing import AttentionRanges, attention_ranges, fold_attention_changes, uses_attention_ranges
+from .smoothing import (
+    AttentionRanges,
+    attention_ranges,
+    fold_attention_changes,
+    ranges_measurable_in_calibration,
+    uses_attention_ranges,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -82,7 +88,11 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
     model.eval()
     result = QuantizationResult(config)
     ranges = None
-    if uses_attention_ranges(config):  # measured on the float model; folded into the converted copies below
+    # The attention changes need the q/k/v ranges: measured during calibration's pass where its observations can be
+    # corrected after it, else (and for the trials of mixed precision, which need them first) by a float pass now.
+    ranges_in_pass = (uses_attention_ranges(config) and not config.mixed_precision
+                      and ranges_measurable_in_calibration(config))
+    if uses_attention_ranges(config) and not ranges_in_pass:
         start = time.perf_counter()
         ranges = attention_ranges(model, layout, calibration.batches, show_progress=show_progress)
         result.timings["attention_ranges"] = time.perf_counter() - start
@@ -90,10 +100,12 @@ def quantize(model: nn.Module, calibration_data: Any, config: LRPQConfig, *, ima
     previous_attention = model.config._attn_implementation
     replaced = convert_model(model, layout, layer_bits, config, skeleton=False)
     try:
+        copies = converted_copies(model, replaced)
         if ranges is not None:
-            fold_attention_changes(model, layout, ranges, config, converted_copies(model, replaced))
+            fold_attention_changes(model, layout, ranges, config, copies)
         model.set_attn_implementation(ATTENTION_KEY)
-        calibrate(model, layout, config, calibration.batches, show_progress=show_progress, timings=result.timings)
+        calibrate(model, layout, config, calibration.batches, show_progress=show_progress, timings=result.timings,
+                  fold_attention_into=copies if ranges_in_pass else None)
     except BaseException:
         restore_model(model, replaced)
         model.set_attn_implementation(previous_attention)

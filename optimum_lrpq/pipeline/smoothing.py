@@ -1,16 +1,17 @@
 """Exact changes of the attention operands before quantization (`quantization.smoothing`), applied to a model.
 
 Key/value centering (`LRPQConfig.center_keys`, `center_values`) and query/key smoothing (`qk_smoothing`) keep the
-float model's function and narrow the ranges the q/k/v quantizers must cover. The channel ranges are measured on
-the float model, before conversion (one float pass over the calibration images); the shifts and factors are then
-folded into the converted layers' float weights and biases, which are copies, so the original modules stay as they
-were if quantization fails and is rolled back.
+float model's function and narrow the ranges the q/k/v quantizers must cover. The channel ranges are the q/k/v
+outputs' per-channel min/max over the calibration tokens: measured during calibration's observation pass (which
+computes the float function), or by a float pass of their own where mixed precision needs them earlier. The shifts
+and factors are folded into the converted layers' float weights and biases, which are copies, so the original
+modules stay as they were if quantization fails and is rolled back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -46,40 +47,70 @@ class ChannelRange:
         """The range of the channels after `shift` is subtracted from them."""
         return ChannelRange(self.minimum - shift, self.maximum - shift)
 
+    def scaled(self, factors: torch.Tensor) -> ChannelRange:
+        """The range of the channels after they are multiplied by the positive `factors`."""
+        return ChannelRange(self.minimum * factors, self.maximum * factors)
+
 
 @dataclass
 class AttentionRanges:
-    """The q, k and v projections' output ranges of one block."""
+    """The q, k and v projections' output ranges of one block.
+
+    `value_shift`: set on the ranges `fold_attention_changes` returns, the shift it subtracted from the v channels
+    (None: v not centred); the output projection's inputs (probabilities · v) lost the same shift.
+    """
 
     query: ChannelRange
     key: ChannelRange
     value: ChannelRange
+    value_shift: torch.Tensor | None = None
+
+
+class AttentionRangeRecorder:
+    """Forward hooks recording the q/k/v output ranges of every block of `layout` while the model runs.
+
+    Use it around any pass that computes the float function (a float model, or a converted one still observing);
+    `remove` the hooks after it, then read `ranges`.
+    """
+
+    def __init__(self, model: nn.Module, layout: ModelLayout) -> None:
+        self._layout = layout
+        self._seen: dict[str, ChannelRange] = {}
+        self._handles = [model.get_submodule(name).register_forward_hook(self._record(name))
+                         for block in layout.blocks for name in block.qkv]
+
+    def _record(self, name: str):
+        def hook(module, args, output):
+            if name not in self._seen:
+                self._seen[name] = ChannelRange.of(output)
+            else:
+                self._seen[name].update(output)
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def ranges(self) -> list[AttentionRanges]:
+        missing = [name for block in self._layout.blocks for name in block.qkv if name not in self._seen]
+        if missing:
+            raise RuntimeError(f"The pass did not reach {', '.join(missing)}; no attention ranges for them.")
+        return [AttentionRanges(*(self._seen[name] for name in block.qkv)) for block in self._layout.blocks]
 
 
 @torch.no_grad()
 def attention_ranges(model: nn.Module, layout: ModelLayout, batches: list[torch.Tensor],
                      show_progress: bool = True) -> list[AttentionRanges]:
     """The q/k/v output ranges of every block of `layout`, over every token of `batches`, from the float model."""
-    ranges: dict[str, ChannelRange] = {}
-
-    def record(name: str):
-        def hook(module, args, output):
-            if name not in ranges:
-                ranges[name] = ChannelRange.of(output)
-            else:
-                ranges[name].update(output)
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_hook(record(name))
-               for block in layout.blocks for name in (block.q, block.k, block.v)]
+    recorder = AttentionRangeRecorder(model, layout)
     try:
         device, dtype = model_device_and_dtype(model)
         for batch in tqdm(batches, desc="Attention ranges", unit="batch", disable=not show_progress):
             model(pixel_values=batch.to(device=device, dtype=dtype))
     finally:
-        for handle in handles:
-            handle.remove()
-    return [AttentionRanges(ranges[block.q], ranges[block.k], ranges[block.v]) for block in layout.blocks]
+        recorder.remove()
+    return recorder.ranges()
 
 
 def _check_width(layer: nn.Module, shift: torch.Tensor, name: str) -> None:
@@ -93,7 +124,7 @@ def center_keys_and_values(model: nn.Module, layout: ModelLayout, ranges: list[A
                            layers: Collection[str] | None = None) -> list[AttentionRanges]:
     """Shift each block's k (and v) channels to their midrange through the biases; v's shift returns through o's.
 
-    Returns the ranges of the centred channels (`ranges` is not modified). Only the modules named in `layers` (all
+    Returns the ranges of the centred channels, with the shifts of v (`ranges` is not modified). Only the modules named in `layers` (all
     when None) may change: the quantization passes its converted copies, so a module kept in float
     (`modules_to_not_convert`) is never edited. A block whose projection has no bias to carry the shift (a model
     built without q/k/v bias) or whose layers may not change is left as it is: adding a bias would change the
@@ -104,7 +135,7 @@ def center_keys_and_values(model: nn.Module, layout: ModelLayout, ranges: list[A
 
     skipped, centred = [], []
     for block, block_ranges in zip(layout.blocks, ranges, strict=True):
-        block_ranges = AttentionRanges(block_ranges.query, block_ranges.key, block_ranges.value)
+        block_ranges = replace(block_ranges)
         centred.append(block_ranges)
         key, value, output = (model.get_submodule(name) for name in (block.k, block.v, block.o))
         if keys:
@@ -127,6 +158,7 @@ def center_keys_and_values(model: nn.Module, layout: ModelLayout, ranges: list[A
                 # inputs that the weight rounding (GPTQ) also minimises against.
                 output.bias.add_((output.weight.float() @ shift.to(output.weight.device)).to(output.bias))
                 block_ranges.value = block_ranges.value.shifted(shift)
+                block_ranges.value_shift = shift
     if skipped:
         logger.info(f"Not centred (no bias to carry the shift, or kept in float): {', '.join(skipped)}.")
     return centred
@@ -134,11 +166,15 @@ def center_keys_and_values(model: nn.Module, layout: ModelLayout, ranges: list[A
 
 @torch.no_grad()
 def smooth_queries_and_keys(model: nn.Module, layout: ModelLayout, ranges: list[AttentionRanges],
-                            alpha: float, layers: Collection[str] | None = None) -> None:
+                            alpha: float, layers: Collection[str] | None = None) -> list[AttentionRanges]:
     """Multiply each block's q rows by s and divide its k rows by s (`query_key_factors`), weights and biases.
 
-    Only blocks whose q and k are both named in `layers` (all when None) change (see `center_keys_and_values`)."""
+    Only blocks whose q and k are both named in `layers` (all when None) change (see `center_keys_and_values`).
+    Returns the ranges after the change (`ranges` is not modified)."""
+    smoothed = []
     for block, block_ranges in zip(layout.blocks, ranges, strict=True):
+        block_ranges = replace(block_ranges)
+        smoothed.append(block_ranges)
         if layers is not None and not (block.q in layers and block.k in layers):
             continue
         query, key = model.get_submodule(block.q), model.get_submodule(block.k)
@@ -150,6 +186,10 @@ def smooth_queries_and_keys(model: nn.Module, layout: ModelLayout, ranges: list[
             layer.weight.mul_(scale.to(layer.weight.dtype)[:, None])
             if layer.bias is not None:
                 layer.bias.mul_(scale.to(layer.bias.dtype))
+        factors = factors.float().cpu()
+        block_ranges.query = block_ranges.query.scaled(factors)
+        block_ranges.key = block_ranges.key.scaled(factors.reciprocal())
+    return smoothed
 
 
 def uses_attention_ranges(config: LRPQConfig) -> bool:
@@ -157,14 +197,27 @@ def uses_attention_ranges(config: LRPQConfig) -> bool:
     return bool(config.center_keys or config.center_values or config.qk_smoothing)
 
 
+def ranges_measurable_in_calibration(config: LRPQConfig) -> bool:
+    """Whether calibration can measure the attention ranges during its own pass and correct its observations after.
+
+    What the observers of q/k/v and of the output projection's inputs saw changes by per-channel shifts and factors:
+    their min/max follow exactly from the channel ranges, kept samples do not (other range estimators), nor does a
+    per-tensor min/max of the output projection's inputs (v's shift differs per channel).
+    """
+    return config.activation_range == "minmax" and (
+        not config.center_values or config.linear_input_granularity == "per_channel")
+
+
 def fold_attention_changes(model: nn.Module, layout: ModelLayout, ranges: list[AttentionRanges],
-                           config: LRPQConfig, layers: Collection[str]) -> None:
+                           config: LRPQConfig, layers: Collection[str]) -> list[AttentionRanges]:
     """Centre k and v, then smooth q and k, as `config` says, in the modules named in `layers` (converted copies).
 
-    The final quantization and every trial quantization of mixed precision call this on their converted layers, so a
-    trial measures the model the same plan would give."""
+    Returns the q/k/v channel ranges after the changes, with v's shifts. The final quantization and every trial
+    quantization of mixed precision call this on their converted layers, so a trial measures the model the same plan
+    would give."""
     if config.center_keys or config.center_values:
         ranges = center_keys_and_values(model, layout, ranges, keys=config.center_keys, values=config.center_values,
                                         layers=layers)
     if config.qk_smoothing:  # after centring: the key factors follow the centred ranges
-        smooth_queries_and_keys(model, layout, ranges, float(config.qk_smoothing), layers=layers)
+        ranges = smooth_queries_and_keys(model, layout, ranges, float(config.qk_smoothing), layers=layers)
+    return ranges

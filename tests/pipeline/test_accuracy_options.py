@@ -140,3 +140,19 @@ def test_input_moments_equal_the_direct_second_moment_and_its_reparameterized_fo
     folded = x / ratio.double() - shift.double()
     torch.testing.assert_close(moments.second_moment(ratio, shift).double(), folded.T @ folded / len(x),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_shifted_input_moments_equal_those_of_the_shifted_rows():
+    """Calibration measures v's shift during its own pass, so o's input moments are shifted after accumulation."""
+    g = torch.Generator().manual_seed(7)
+    width = InputMoments.BLOCK + 40
+    batches = [torch.randn(200, width, generator=g) * 0.5 + torch.linspace(-6.0, 9.0, width) for _ in range(2)]
+    shift = torch.linspace(-6.0, 9.0, width) + 0.1 * torch.randn(width, generator=g)
+    moments, expected = InputMoments(), InputMoments()
+    for batch in batches:
+        moments.add(batch)
+        expected.add(batch - shift)
+    moments.shift(shift)
+    assert moments.count == expected.count
+    torch.testing.assert_close(moments.sum, expected.sum, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(moments.second_moment(), expected.second_moment(), rtol=1e-4, atol=1e-4)
