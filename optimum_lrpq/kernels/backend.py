@@ -43,6 +43,8 @@ class ActivationGrid:
     `product_step` (None: `scale`) is the factor each channel's codes take in the product, `(x_int - zero_point) *
     product_step`, where the weight columns carry the rest of the step, `scale / product_step`
     (`LRPQConfig.input_step_levels`): an integer GEMM factors out one product step per group of channels.
+    `shared=True`: the grid of a producer's output that several layers read (q, k and v), so a backend may compute
+    the codes of one input once for all of them.
     """
 
     scale: torch.Tensor
@@ -50,6 +52,7 @@ class ActivationGrid:
     bits: int
     applied: bool = False
     product_step: torch.Tensor | None = None
+    shared: bool = False
 
 
 # Activations a linear layer can apply to its own output (`KernelBackend.linear(..., activation=)`): an MLP's GELU
@@ -90,6 +93,9 @@ class KernelBackend(abc.ABC):
     prepare_at_load: ClassVar[bool] = False
     # Whether `prepare_group` / `linear_group` compute layers that read the same input together.
     groups_layers: ClassVar[bool] = False
+    # Whether `linear` turns its input into codes on the grid itself, even where the producer could have put it on
+    # the grid (`ActivationGrid.applied`): the producer (a quantized LayerNorm) then need not round it first.
+    quantizes_inputs: ClassVar[bool] = False
 
     @abc.abstractmethod
     def is_available(self, device: torch.device) -> bool:

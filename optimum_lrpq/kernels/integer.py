@@ -102,6 +102,7 @@ class IntegerBackend(KernelBackend):
     prepared_type: ClassVar[type]
     path_counts: ClassVar[collections.Counter]
     prepare_at_load = True
+    quantizes_inputs = True  # the codes are computed from the input (and the reference fallback rounds it too)
 
     @abc.abstractmethod
     def constants(self, weight: Any, grid: ActivationGrid, bias: torch.Tensor | None) -> Any:

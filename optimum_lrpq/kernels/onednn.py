@@ -190,7 +190,7 @@ def _quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qm
 
 
 class _LastCodes:
-    """The codes of the last input quantized on a producer's grid (`applied=True`), for its next consumers.
+    """The codes of the last input quantized on a producer's grid (`shared=True`), for its next consumers.
 
     q, k and v (and Swin's / DINOv2's equivalents) read the same LayerNorm output: quantizing it once instead of
     three times saves two elementwise passes per block. A hit needs the very same tensor object (held weakly, so a
@@ -661,10 +661,10 @@ def _product(x: torch.Tensor, x2: torch.Tensor, pack: torch.Tensor, weight: OneD
     """`x2`'s codes on `grid` (shared with the other consumers of a producer's output) times `pack`, with the
     per-tensor `terms`, then oneDNN's `post_op` ("none" or "gelu"; only without a rank-1 term): float32 [rows, N]."""
     qmax = (1 << grid.bits) - 1
-    codes = _SHARED_CODES.get(x, grid, qmax) if grid.applied else None
+    codes = _SHARED_CODES.get(x, grid, qmax) if grid.shared else None
     if codes is None:
         codes = _quantize(x2, terms.code_scale, terms.code_zero_point, qmax)
-        if grid.applied:
+        if grid.shared:
             _SHARED_CODES.put(x, grid, qmax, codes)
     y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, pack, weight.weight_scale,
                                            weight.weight_zero_points, terms.bias, 1.0, 0, torch.float32, post_op,

@@ -77,17 +77,20 @@ class UniformQuantizer(ActivationQuantizer):
             )
         self.set_grid(*observer.uniform_grid(self.bits, min_rows=min_rows))
 
-    def grid(self, applied: bool = False, product_step: torch.Tensor | None = None) -> ActivationGrid:
+    def grid(self, applied: bool = False, product_step: torch.Tensor | None = None,
+             shared: bool = False) -> ActivationGrid:
         """The grid, as kernel backends take it (`applied`: the input already lies on it; `product_step`: the
-        factor the codes take in the consumer's product where its weight columns carry the rest of the steps).
+        factor the codes take in the consumer's product where its weight columns carry the rest of the steps;
+        `shared`: several layers read the input, see `ActivationGrid`).
 
         The last one made is given again while it holds the same tensors (a layer asks at every forward); in-place
         edits of them are seen through the tensors themselves."""
         scale, zero_point = self._buffers["scale"], self._buffers["zero_point"]
         grid = self.__dict__.get("_last_grid")
         if (grid is None or grid.scale is not scale or grid.zero_point is not zero_point or grid.bits != self.bits
-                or grid.applied != applied or grid.product_step is not product_step):
-            grid = self.__dict__["_last_grid"] = ActivationGrid(scale, zero_point, self.bits, applied, product_step)
+                or grid.applied != applied or grid.product_step is not product_step or grid.shared != shared):
+            grid = self.__dict__["_last_grid"] = ActivationGrid(scale, zero_point, self.bits, applied, product_step,
+                                                                shared)
         return grid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -44,9 +44,22 @@ class QuantLayerNorm(nn.LayerNorm):
             p.requires_grad_(False)
         return module
 
+    def set_consumers(self, layers: list[nn.Module]) -> None:
+        """The quantized layers that read this output, all of its readers (their `input_source` is `out_quant`):
+        where each of them rounds its input onto the grid itself (an integer kernel backend), the output is left
+        unrounded for them. Plain references, not child modules."""
+        self.__dict__["_consumers"] = tuple(layers)
+
+    def _rounded_by_consumers(self) -> bool:
+        consumers = self.__dict__.get("_consumers")
+        # Under a compiler the rounding stays here, fused with the LayerNorm (consumers round again: same values).
+        return bool(consumers) and not torch.compiler.is_compiling() and all(c.quantizes_input() for c in consumers)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
         if (self.out_quant.observer is None and y.dtype == torch.float32
                 and not (torch.is_grad_enabled() and y.requires_grad) and not self.out_quant.learning):
+            if self._rounded_by_consumers():  # they turn y into integer codes anyway: no float round trip first
+                return y
             return self.out_quant.fake_quantize_(y)  # y is ours and nothing else reads it: no second tensor
         return self.out_quant(y)

@@ -248,9 +248,17 @@ class PackedWeightLayer(nn.Module):
                 return None
             # the float weight (before `freeze()`) does not carry any step yet
             return input_quant.grid(product_step=self.input_product_step() if self.is_frozen else None)
-        if self.input_source is not None and self.input_source.observer is None:
-            return self.input_source.grid(applied=True)  # quantized by the producer: kernels may need its grid
+        source = self.input_source
+        if source is not None and source.observer is None:
+            # The producer's grid (kernels may need it); the input lies on it unless the producer left the rounding
+            # to consumers that quantize their inputs themselves (`QuantLayerNorm`).
+            return source.grid(applied=not self.quantizes_input(), shared=True)
         return None
+
+    def quantizes_input(self) -> bool:
+        """Whether this layer's product rounds its input onto the grid itself (a frozen weight on a backend that
+        `quantizes_inputs`), so that a producer quantizing its output for it (`input_source`) may leave that out."""
+        return self.is_frozen and self.backend().quantizes_inputs
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The float weight the layer stands for (the float weight itself before `freeze()`)."""

@@ -109,6 +109,8 @@ def convert_model(
                     model.get_submodule(consumer).set_input_source(layernorm.out_quant)
         if grouped:  # q, k and v read the same quantized tensor: one product where the kernel backend can
             group_shared_input([model.get_submodule(c) for c in group.consumers if c in layer_bits])
+            if all(c in layer_bits for c in group.consumers):  # no float reader needs the rounded output
+                model.get_submodule(group.layernorm).set_consumers([model.get_submodule(c) for c in group.consumers])
 
     per_channel_inputs = config.linear_input_granularity == "per_channel"
     per_channel_heads = config.head_input_granularity == "per_channel"

@@ -4,6 +4,7 @@ on every tiny model, before and after a save/load round trip."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import pytest
@@ -13,7 +14,8 @@ from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.kernels import ActivationGrid, ConvGeometry, PackedWeight, get_backend, onednn
-from optimum_lrpq.nn import QuantLinear, set_kernel_backend
+from optimum_lrpq.models import get_adapter
+from optimum_lrpq.nn import QuantLayerNorm, QuantLinear, set_kernel_backend
 from optimum_lrpq.quantization import packing, uniform
 from optimum_lrpq.quantization.step_groups import group_steps
 
@@ -181,6 +183,7 @@ def test_consumers_of_one_producer_share_the_input_codes(monkeypatch):
     monkeypatch.setattr(onednn, "_quantize", lambda *a: calls.append(1) or real(*a))
     weights = [ONEDNN.prepare_weight(random_weight(16, 24, 4, seed=i)[0], torch.float32) for i in range(3)]
     grid, x = random_grid(torch.randn(5, 24), 6, applied=True)
+    grid = dataclasses.replace(grid, shared=True)  # a producer's grid
     with torch.no_grad():
         first = [ONEDNN.linear(x, w, None, grid) for w in weights]
         assert len(calls) == 1
@@ -279,6 +282,7 @@ def test_consumers_of_one_producer_share_the_code_sums(monkeypatch, counts):
     weights = [ONEDNN.prepare_weight(w, torch.float32) for w, _ in packed]
     assert all(w.offset is not None for w in weights)  # the rank-1 term applies
     grid, x = random_grid(torch.randn(5, 24), 8, applied=True)
+    grid = dataclasses.replace(grid, shared=True)  # a producer's grid
     bias = torch.randn(16)
     with torch.no_grad():
         outputs = [ONEDNN.linear(x, w, bias, grid) for w in weights]
@@ -424,6 +428,38 @@ def test_model_logits_match_reference(name, config, tmp_path, counts):
         assert counts["integer"] > 0
         errors = layer_errors(candidate, x)
         assert errors and max(errors.values()) < 1e-5, errors
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_layernorms_leave_the_rounding_to_integer_consumers(name):
+    """A quantized LayerNorm whose readers all turn its output into integer codes does not round it in float first:
+    the same codes, the same logits; on the reference backend, or with a reader kept in float, it rounds."""
+    model = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=4)).quantize_model(build(name), pixels(16),
+                                                                                      show_progress=False)
+    norms = [m for m in model.modules() if isinstance(m, QuantLayerNorm)]
+    x = pixels(8, seed=7)
+    set_kernel_backend(model, "onednn")
+    assert all(norm._rounded_by_consumers() for norm in norms if norm.__dict__.get("_consumers"))
+    deferred = [norm for norm in norms if norm._rounded_by_consumers()]
+    assert deferred
+    with torch.no_grad():
+        out = model(pixel_values=x).logits
+        for norm in deferred:
+            norm.__dict__["_consumers"] = None  # rounds its output again
+        rounded = model(pixel_values=x).logits
+    assert_same_logits(out, rounded)
+    assert torch.equal(out.argmax(-1), rounded.argmax(-1))
+    set_kernel_backend(model, "reference")
+    assert not any(norm._rounded_by_consumers() for norm in norms)
+
+    layout = get_adapter(build(name)).layout(build(name))
+    kept = layout.blocks[0].q
+    partly = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=4, modules_to_not_convert=[kept])).quantize_model(
+        build(name), pixels(16), show_progress=False)
+    set_kernel_backend(partly, "onednn")
+    group = next(g for g in layout.groups if kept in g.consumers)
+    norm = partly.get_submodule(group.layernorm)  # the float q reads its output: rounded (or not quantized at all)
+    assert not isinstance(norm, QuantLayerNorm) or not norm._rounded_by_consumers()
 
 
 @pytest.mark.parametrize("levels", [1, 4])
