@@ -69,7 +69,7 @@ def gptq_quantize(
     inverse_order = torch.argsort(order)
     h.diagonal().add_(damping * torch.diag(h).mean())
     reversed_order = order.flip(0)
-    h_inv = inverse_upper_cholesky(h[reversed_order][:, reversed_order])
+    h_inv = inverse_upper_cholesky(h[reversed_order[:, None], reversed_order[None, :]])  # one gather
 
     # Transposed: row j of `w` is input column order[j] of the weight, one value per output row.
     w = weight.detach().float()[:, order].T.contiguous()

@@ -140,6 +140,12 @@ def test_input_moments_equal_the_direct_second_moment_and_its_reparameterized_fo
     folded = x / ratio.double() - shift.double()
     torch.testing.assert_close(moments.second_moment(ratio, shift).double(), folded.T @ folded / len(x),
                                rtol=1e-4, atol=1e-4)
+    scaled = x / ratio.double()  # no shift (a layer's input step factors): the float32 path
+    torch.testing.assert_close(moments.second_moment(ratio, torch.zeros(width)).double(), scaled.T @ scaled / len(x),
+                               rtol=1e-5, atol=1e-5)
+    shifted = x - shift.double()
+    torch.testing.assert_close(moments.second_moment(None, shift).double(), shifted.T @ shifted / len(x),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_shifted_input_moments_equal_those_of_the_shifted_rows():
