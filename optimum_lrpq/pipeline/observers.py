@@ -21,6 +21,18 @@ from ..quantization.uniform import scale_zero_point_from_range
 DEFAULT_MAX_SAMPLES = 1 << 20
 
 
+# From this many channels on, two column reductions beat one `aminmax` over dim 0 (a 2-core AMX Xeon, torch 2.13:
+# [1576, 3072] 1.4 ms against 14.6; [3125, 384] 0.26 against 1.4; but [100000, 12] 6.4 against 1.4).
+WIDE_CHANNELS = 32
+
+
+def channel_min_max(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column (min, max) of a 2-d tensor, by the faster of torch's two ways for its width."""
+    if rows.shape[1] >= WIDE_CHANNELS:
+        return rows.amin(dim=0), rows.amax(dim=0)
+    return torch.aminmax(rows, dim=0)
+
+
 class NonFiniteActivationError(ValueError):
     pass
 
@@ -50,7 +62,7 @@ class ActivationObserver:
     def observe(self, x: torch.Tensor) -> None:
         x = x.detach().float()
         if self.per_channel:
-            low, high = torch.aminmax(x.reshape(-1, x.shape[-1]), dim=0)
+            low, high = channel_min_max(x.reshape(-1, x.shape[-1]))
         else:
             low, high = (v.reshape(1) for v in torch.aminmax(x))
         # NaN propagates into min/max and Inf shows up there too, so this costs no extra pass over x.

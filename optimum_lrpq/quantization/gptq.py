@@ -40,7 +40,13 @@ def inverse_upper_cholesky(h_reversed: torch.Tensor) -> torch.Tensor:
     factorisation and one triangular inverse instead of factorise, invert, factorise again. Float32 (twice as fast
     as float64 here; H is damped by 1 % of its mean diagonal), float64 if the float32 factorisation fails.
     """
-    lower, info = torch.linalg.cholesky_ex(h_reversed.float())
+    h_reversed = h_reversed.float()
+    # LAPACK's factor is column-major; torch then zeroes its upper triangle, slowly when the result it returns is
+    # row-major. A column-major `out` gives the same values faster (3072 x 3072 on a 2-core Xeon: 125 instead of
+    # 149 ms for the factorisation, 304 instead of 374 ms for this function).
+    out = torch.empty_like(h_reversed).mT
+    lower, info = torch.linalg.cholesky_ex(h_reversed, out=(out, torch.empty((), dtype=torch.int32,
+                                                                               device=h_reversed.device)))
     if info.item() != 0:
         lower = torch.linalg.cholesky(h_reversed.double())
     return lower_triangular_inverse(lower).flip((0, 1)).float()
