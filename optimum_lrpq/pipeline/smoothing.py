@@ -21,6 +21,7 @@ from transformers.utils import logging
 from ..configuration import LRPQConfig
 from ..models import ModelLayout
 from ..quantization.smoothing import absmax, midrange, query_key_factors
+from .observers import channel_min_max
 from .placement import model_device_and_dtype
 
 logger = logging.get_logger(__name__)
@@ -35,8 +36,8 @@ class ChannelRange:
 
     @classmethod
     def of(cls, output: torch.Tensor) -> ChannelRange:
-        flat = output.detach().reshape(-1, output.shape[-1])
-        return cls(flat.amin(dim=0).float().cpu(), flat.amax(dim=0).float().cpu())
+        low, high = channel_min_max(output.detach().reshape(-1, output.shape[-1]))
+        return cls(low.float().cpu(), high.float().cpu())
 
     def update(self, output: torch.Tensor) -> None:
         seen = ChannelRange.of(output)

@@ -13,9 +13,15 @@ from transformers import ViTConfig, ViTForImageClassification
 from optimum_lrpq import LRPQConfig, LRPQuantizer
 from optimum_lrpq.models import get_adapter
 from optimum_lrpq.nn import PackedWeightLayer
-from optimum_lrpq.pipeline import run
+from optimum_lrpq.pipeline import calibration, run
 from optimum_lrpq.pipeline.observers import ActivationObserver
-from optimum_lrpq.pipeline.smoothing import attention_ranges, center_keys_and_values, ranges_measurable_in_calibration
+from optimum_lrpq.pipeline.smoothing import (
+    AttentionRangeRecorder,
+    ChannelRange,
+    attention_ranges,
+    center_keys_and_values,
+    ranges_measurable_in_calibration,
+)
 from optimum_lrpq.quantization.smoothing import midrange
 
 BATCHES = [pixels(8), pixels(8, seed=2)]
@@ -185,3 +191,34 @@ def test_observations_that_cannot_follow_a_shift_are_refused():
     per_channel.shift_channels(shift)
     torch.testing.assert_close(per_channel.low, (x - shift).amin(0))
     torch.testing.assert_close(per_channel.high, (x - shift).amax(0))
+
+
+def test_ranges_of_layers_the_pass_did_not_reach_are_refused():
+    model = build("vit")
+    layout = get_adapter(model).layout(model)
+    recorder = AttentionRangeRecorder(model, layout)
+    recorder.remove()  # nothing ran
+    with pytest.raises(RuntimeError, match=rf"The pass did not reach {layout.blocks[0].q}, {layout.blocks[0].k}"):
+        recorder.ranges()
+
+
+def test_observations_that_do_not_match_the_projections_are_refused_and_the_model_restored(monkeypatch):
+    """The in-pass correction is exact only if each q/k/v quantizer saw its projection's outputs: otherwise the
+    quantization stops, naming the quantizer, and the model is left as it was given."""
+    real = AttentionRangeRecorder.ranges
+
+    def off_by_one(self):
+        ranges = real(self)
+        ranges[0].key = ChannelRange(ranges[0].key.minimum - 1, ranges[0].key.maximum + 1)
+        return ranges
+
+    monkeypatch.setattr(calibration.AttentionRangeRecorder, "ranges", off_by_one)
+    model = build("vit")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attention = get_adapter(model).layout(model).blocks[0].attention
+    with pytest.raises(RuntimeError, match=rf"{attention}.k_quant observed other values than the outputs of .*k_proj; "
+                                           "the attention changes cannot be folded after calibration"):
+        LRPQuantizer(LRPQConfig(weight_bits=8, activation_bits=8)).quantize_model(model, pixels(16),
+                                                                                  show_progress=False)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
