@@ -19,7 +19,7 @@ from .backend import (
     register_backend,
     resolve_backend,
 )
-from .memory import return_freed_memory
+from .memory import release_output_buffers, return_freed_memory
 
 __all__ = [
     "ACTIVATIONS",
@@ -32,6 +32,7 @@ __all__ = [
     "check_backend_name",
     "get_backend",
     "register_backend",
+    "release_output_buffers",
     "resolve_backend",
     "return_freed_memory",
 ]

@@ -35,6 +35,13 @@ matrix is dropped): at batch 1 a oneDNN call costs tens of microseconds whatever
 are 65 x 384 x 384 each (DINOv2-S W4A4 at batch 1 on a 2-core EPYC, with the other changes of the same commit:
 0.72-0.75x -> 0.66-0.71x float32's latency, min and median of 60 interleaved rounds, two processes each).
 
+Outputs of at least 32 MB (ViT-Base's fc1 and stacked q/k/v outputs at batch 32) are written into memory kept from
+one forward to the next (`memory.OutputBuffers`; the bias copied in, then oneDNN's "sum" post-op adds the product:
+the same values), never into a buffer some tensor still shares: fresh memory of that size is new pages from the
+kernel, and faulting them in took longer than the GEMM itself (fc1 at batch 32 on a 2-core AMX Xeon: 32 ms fresh,
+12 ms reused). oneDNN takes no GELU after a "sum", so such an fc1 applies GELU in place right after.
+`release_output_buffers()` gives the kept memory back; `OPTIMUM_LRPQ_REUSE_OUTPUTS=0` turns the reuse off.
+
 The quantization of the input (one elementwise pass over x) costs about as much as the GEMM itself in eager
 PyTorch; setting `OPTIMUM_LRPQ_ONEDNN_COMPILE=1` (or `COMPILE_QUANTIZE = True` here) runs it through a
 `torch.compile`d kernel instead (bit-identical codes, one graph for all shapes and bit widths; ~3-4 s of
@@ -71,6 +78,7 @@ from .integer import (
     step_blocks,
     tensor_version,
 )
+from .memory import OUTPUT_BUFFERS
 from .reference import dequantize_weight
 
 # Quantize the input with a torch.compile'd kernel (read at every call; see the module docstring).
@@ -558,16 +566,14 @@ def _grouped_linear(x2: torch.Tensor, weight: OneDNNWeight, terms: _GroupedTerms
         blocks = [_quantize(x2, terms.scale, terms.zero_point, qmax)]  # per-channel grid, the reference's codes
     else:
         blocks = _quantize_into_groups(x2, terms, qmax)
-    y = None
+    y = _kept_output(x2.shape[0], terms.bias)
     for block, pack, step, zi in zip(blocks, terms.packs, terms.scales, terms.zero_points, strict=True):
         if y is None:
             y = torch.ops.onednn.qlinear_pointwise(block, step, zi, pack, weight.weight_scale,
                                                    weight.weight_zero_points, terms.bias, 1.0, 0, torch.float32,
                                                    "none", [], "")
         else:  # accumulated into y by oneDNN's "sum" post-op (the same values as y.add_(part), no part tensor)
-            torch.ops.onednn.qlinear_pointwise.binary(block, step, zi, pack, weight.weight_scale,
-                                                      weight.weight_zero_points, y, None, 1.0, 0, torch.float32,
-                                                      1.0, 0, "sum", 1.0, "none", [], "")
+            _accumulate(y, block, step, zi, pack, weight)
     if terms.coef is not None:  # sum_c s_c (q_c - zi_c) per row; every channel of a group has the group's step
         weighted = None
         for block, step in zip(blocks, terms.scales, strict=True):
@@ -575,6 +581,22 @@ def _grouped_linear(x2: torch.Tensor, weight: OneDNNWeight, terms: _GroupedTerms
             weighted = part if weighted is None else weighted.add_(part)
         y.addr_(weighted.sub_(terms.shift).float(), terms.coef)
     return y
+
+
+def _kept_output(rows: int, bias: torch.Tensor) -> torch.Tensor | None:
+    """A reused output buffer holding `bias` in every row (`memory.OUTPUT_BUFFERS`), for the GEMM to add its product
+    into with oneDNN's "sum" post-op: `(acc * scales) + bias`, the one float addition of the GEMM's own bias
+    epilogue, so the same values; None (allocate a fresh output) for small outputs."""
+    y = OUTPUT_BUFFERS.take(rows, bias.numel(), bias.device)
+    return None if y is None else y.copy_(bias.expand_as(y))
+
+
+def _accumulate(y: torch.Tensor, codes: torch.Tensor, step: float, zero_point: int, pack: torch.Tensor,
+                weight: OneDNNWeight | StackedWeight) -> None:
+    """y += (codes - zero_point) @ packᵀ * step * weight scales, in place (oneDNN's "sum" post-op)."""
+    torch.ops.onednn.qlinear_pointwise.binary(codes, step, zero_point, pack, weight.weight_scale,
+                                              weight.weight_zero_points, y, None, 1.0, 0, torch.float32, 1.0, 0,
+                                              "sum", 1.0, "none", [], "")
 
 
 def _quantize_into_groups(x2: torch.Tensor, terms: _GroupedTerms, qmax: int) -> list[torch.Tensor]:
@@ -666,9 +688,15 @@ def _product(x: torch.Tensor, x2: torch.Tensor, pack: torch.Tensor, weight: OneD
         codes = _quantize(x2, terms.code_scale, terms.code_zero_point, qmax)
         if grid.shared:
             _SHARED_CODES.put(x, grid, qmax, codes)
-    y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, pack, weight.weight_scale,
-                                           weight.weight_zero_points, terms.bias, 1.0, 0, torch.float32, post_op,
-                                           [], "none" if post_op != "none" else "")
+    y = _kept_output(codes.shape[0], terms.bias)
+    if y is None:
+        y = torch.ops.onednn.qlinear_pointwise(codes, terms.scale, terms.zero_point, pack, weight.weight_scale,
+                                               weight.weight_zero_points, terms.bias, 1.0, 0, torch.float32, post_op,
+                                               [], "none" if post_op != "none" else "")
+    else:  # oneDNN has no GELU after its "sum": GELU in place, on memory still in cache from the GEMM's epilogue
+        _accumulate(y, codes, terms.scale, terms.zero_point, pack, weight)
+        if post_op == "gelu":
+            torch.ops.aten.gelu_(y)
     if terms.coef is not None:
         row_sums = _SHARED_CODES.row_sums(codes) - weight.in_features * terms.zero_point
         y.addr_(row_sums, terms.coef)

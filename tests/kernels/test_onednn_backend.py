@@ -13,7 +13,7 @@ from tiny_models import MODEL_NAMES, build, logits, pixels
 from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
-from optimum_lrpq.kernels import ActivationGrid, ConvGeometry, PackedWeight, get_backend, onednn
+from optimum_lrpq.kernels import ActivationGrid, ConvGeometry, PackedWeight, get_backend, memory, onednn
 from optimum_lrpq.models import get_adapter
 from optimum_lrpq.nn import QuantLayerNorm, QuantLinear, set_kernel_backend
 from optimum_lrpq.quantization import packing, uniform
@@ -480,6 +480,84 @@ def test_per_channel_inputs_run_on_the_integer_path_end_to_end(levels, counts):
     assert counts == {"integer": linears}  # no reference fallback left
     errors = layer_errors(model, x)
     assert max(errors.values()) < 1e-5, errors
+
+
+# ------------------------------------------------------------------------------------------------ kept outputs
+
+
+@pytest.fixture
+def kept_outputs(monkeypatch):
+    """Every output reused (the real threshold keeps the reuse to outputs of >= 32 MB)."""
+    buffers = memory.OutputBuffers(min_bytes=0)
+    monkeypatch.setattr(onednn, "OUTPUT_BUFFERS", buffers)
+    return buffers
+
+
+def test_outputs_reuse_memory_that_nobody_holds(kept_outputs, monkeypatch, counts):
+    weight, _ = random_weight(40, 72, 4)
+    eight, _ = random_weight(40, 72, 8, seed=1)  # rank-1 term
+    grid, _ = random_grid(torch.randn(6, 72), 4, False)
+    bias = torch.randn(40)
+    prepared = [ONEDNN.prepare_weight(w, torch.float32) for w in (weight, eight)]
+    inputs = [torch.randn(6, 72) for _ in range(4)]
+    with torch.no_grad():
+        monkeypatch.setenv("OPTIMUM_LRPQ_REUSE_OUTPUTS", "0")
+        fresh = [[ONEDNN.linear(x, w, bias, grid, activation) for x in inputs] for w in prepared
+                 for activation in (None, "gelu")]
+        assert kept_outputs.kept_bytes() == 0
+        monkeypatch.delenv("OPTIMUM_LRPQ_REUSE_OUTPUTS")
+        cases = [(w, activation) for w in prepared for activation in (None, "gelu")]
+        for (w, activation), expected in zip(cases, fresh, strict=True):
+            kept_outputs.release()
+            first = ONEDNN.linear(inputs[0], w, bias, grid, activation)
+            second = ONEDNN.linear(inputs[1], w, bias, grid, activation)  # `first` is held: another buffer
+            assert first.data_ptr() != second.data_ptr()
+            address = first.data_ptr()
+            row = first[2]  # a view keeps the buffer in use
+            del first
+            third = ONEDNN.linear(inputs[2], w, bias, grid, activation)  # two buffers in use: a fresh output
+            assert third.data_ptr() not in (address, second.data_ptr())
+            assert kept_outputs.kept_bytes() == 2 * 6 * 40 * 4
+            assert torch.equal(row, expected[0][2]) and torch.equal(second, expected[1])  # not overwritten
+            assert torch.equal(third, expected[2])
+            del row
+            fourth = ONEDNN.linear(inputs[3], w, bias, grid, activation)  # nobody holds the first buffer now
+            assert fourth.data_ptr() == address and torch.equal(fourth, expected[3])
+    assert counts == {"integer": 32}
+    assert memory.release_output_buffers() == 0  # the module's own buffers (min 32 MB): none made here
+    assert kept_outputs.release() == 2 * 6 * 40 * 4 and kept_outputs.kept_bytes() == 0
+
+
+def test_kept_outputs_stay_within_their_budget():
+    buffers = memory.OutputBuffers(min_bytes=0, max_bytes=3 * 4 * 10 * 4)  # three 4 x 10 outputs
+    cpu = torch.device("cpu")
+    held = [buffers.take(4, 10, cpu) for _ in range(3)]  # two per shape: the third is not kept
+    assert held[2] is None and buffers.kept_bytes() == 2 * 160
+    other = buffers.take(2, 20, cpu)
+    assert other is not None and buffers.kept_bytes() == 3 * 160
+    assert buffers.take(1, 40, cpu) is None  # over the budget while the others are in use
+    del held, other
+    assert buffers.take(1, 40, cpu) is not None and buffers.kept_bytes() <= 3 * 160  # the oldest were dropped
+    assert memory.OutputBuffers().take(4, 10, cpu) is None  # below the default size: allocated as usual
+
+
+def test_model_outputs_with_kept_memory_are_the_same_and_never_overwritten(kept_outputs, monkeypatch):
+    model = LRPQuantizer(LRPQConfig(weight_bits=4, activation_bits=4)).quantize_model(build("vit"), pixels(16),
+                                                                                      show_progress=False)
+    set_kernel_backend(model, "onednn")
+    first, second = pixels(4, seed=3), pixels(4, seed=4)
+    monkeypatch.setenv("OPTIMUM_LRPQ_REUSE_OUTPUTS", "0")
+    expected = [logits(model, x) for x in (first, second)]
+    monkeypatch.delenv("OPTIMUM_LRPQ_REUSE_OUTPUTS")
+    captured = []  # what a user's hooks keep: every linear output of the first forward
+    handles = [m.register_forward_hook(lambda module, args, out: captured.append((out, out.clone())))
+               for m in model.modules() if isinstance(m, QuantLinear)]
+    assert torch.equal(logits(model, first), expected[0])
+    for handle in handles:
+        handle.remove()
+    assert torch.equal(logits(model, second), expected[1]) and torch.equal(logits(model, first), expected[0])
+    assert kept_outputs.kept_bytes() > 0
+    assert captured and all(torch.equal(kept, copy_) for kept, copy_ in captured)
 
 
 def test_model_copies_and_falls_back_under_grad(counts):
