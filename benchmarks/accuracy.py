@@ -120,6 +120,7 @@ ROWS: list[Row] = [
     # the allocation kept whatever it measures on the calibration images (no fallback to uniform bits)
     lrpq(6, 6, mixed_precision=True, uniform_fallback=False),
     lrpq(4, 4, mixed_precision=True, uniform_fallback=False),
+    lrpq(3, 3, mixed_precision=True, uniform_fallback=False),
     # Mix-QViT: relevance x measured per-unit sensitivity, and the measured sensitivity alone
     lrpq(6, 6, mixed_precision=True, allocation="lrp_sensitivity"),
     lrpq(6, 6, mixed_precision=True, allocation="sensitivity"),

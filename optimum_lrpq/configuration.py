@@ -40,7 +40,9 @@ QUANT_METHOD = "lrpq"
 #    columns; format 2 stores the weights of those layers unfolded (still read, as `input_step_levels=0`).
 # 4: `head_input_granularity`: the classifier heads' input quantizers are per channel (one step per input channel,
 #    folded like o_proj / fc2); format 3 stores them per tensor (still read, as `head_input_granularity="per_tensor"`).
-FORMAT_VERSION = 4
+# 5: `softmax_quantizer="auto"` is log2 for attention probabilities of <= 3 bits; formats <= 4 used log√2 there (still
+#    read so: the stored scale is the same tensor, the levels differ).
+FORMAT_VERSION = 5
 
 # `input_step_levels` of new quantizations (see LRPQConfig).
 DEFAULT_INPUT_STEP_LEVELS = 4
@@ -97,9 +99,10 @@ class LRPQConfig(QuantizationConfigMixin):
             uniform (mean of 3 draws; the allocation's calibration KL was about twice uniform's in each draw), and
             93.7 % with the fallback. Costs two extra calibrations. False keeps the allocation whatever it measures.
         patch_embedding_input_bits: bits of the image fed to the patch embedding (RepQ-ViT keeps 8).
-        softmax_quantizer: quantizer for post-softmax probabilities: "auto" (default: "log_sqrt2" below 7 bits,
-            "uniform" at 7-8 bits, where a log quantizer's fixed √2 step near 1 costs more than 1/255 uniform steps),
-            "log_sqrt2" (RepQ-ViT), "log2" or "uniform".
+        softmax_quantizer: quantizer for post-softmax probabilities: "auto" (default: "log2" at 2-3 bits, where
+            log√2's 8 levels stop at 0.088 of the largest probability and zero nearly all others; "log_sqrt2" at 4-6
+            bits; "uniform" at 7-8 bits, where a log quantizer's fixed √2 step near 1 costs more than 1/255 uniform
+            steps), "log_sqrt2" (RepQ-ViT), "log2" or "uniform".
         weight_range, activation_range: range estimator: "minmax", "percentile_mse" (RepQ-ViT's 3-point percentile
             search by MSE) or "mse" (the min-max range shrunk towards 0 by the factor in 1.0, 0.975, ..., 0.5 with
             the least MSE, per row for weights; never worse than min-max in MSE).

@@ -33,23 +33,36 @@ IN_PLACE_BLOCK_ELEMENTS = 1 << 20
 # are 1/255: on the benchmark models 8-bit uniform probabilities recover 0.4-0.5 points at W8A8/W4A8 (Swin, DeiT)
 # and log√2 wins at 4-6 bits (RepQ-ViT's setting).
 UNIFORM_SOFTMAX_FROM_BITS = 7
+# ... and the log2 one up to this many bits (checkpoint format >= LOG2_SOFTMAX_FROM_FORMAT; log√2 before). b-bit log√2
+# levels reach down to 2**(-(2**b - 1) / 2) of the top one: 0.088 at 3 bits, above the ~1/N probability of most of
+# N >= 65 tokens, so nearly every probability becomes 0; log2 levels reach 2**-(2**b - 1) = 0.0078. On the real-weight
+# benchmark models W4A3 measured 10.0-11.5 % with log√2 and 33.5-35.4 % with log2, W3A3 10.1-10.4 % and 18.7-21.9 %
+# (benchmarks/README.md). From 4 bits log√2 reaches 0.0055 and keeps its finer steps near 1.
+LOG2_SOFTMAX_UP_TO_BITS = 3
+LOG2_SOFTMAX_FROM_FORMAT = 5
 
 
-def resolve_softmax_quantizer(softmax_quantizer: str, bits: int) -> str:
-    """The quantizer "auto" stands for at `bits`; other names are returned unchanged."""
+def resolve_softmax_quantizer(softmax_quantizer: str, bits: int, format_version: int | None = None) -> str:
+    """The quantizer "auto" stands for at `bits` in checkpoints of `format_version` (None: the current format);
+    other names are returned unchanged."""
     if softmax_quantizer != "auto":
         return softmax_quantizer
-    return "uniform" if bits >= UNIFORM_SOFTMAX_FROM_BITS else "log_sqrt2"
+    if bits >= UNIFORM_SOFTMAX_FROM_BITS:
+        return "uniform"
+    if bits <= LOG2_SOFTMAX_UP_TO_BITS and (format_version is None or format_version >= LOG2_SOFTMAX_FROM_FORMAT):
+        return "log2"
+    return "log_sqrt2"
 
 
 def add_attention_quantizers(attention: nn.Module, bits: int, softmax_quantizer: str, device=None,
-                             per_head: bool = False) -> None:
-    """Attach q/k/v (uniform, per tensor or per head) and post-softmax quantizers to an attention module."""
+                             per_head: bool = False, format_version: int | None = None) -> None:
+    """Attach q/k/v (uniform, per tensor or per head) and post-softmax quantizers to an attention module
+    (`format_version`: of the checkpoint being made or loaded, for what "auto" means; None: the current one)."""
     for name in ("q_quant", "k_quant", "v_quant"):
         quant = (PerHeadQuantizer(bits, attention.num_attention_heads, device=device) if per_head
                  else UniformQuantizer(bits, device=device))
         setattr(attention, name, quant)
-    softmax_quantizer = resolve_softmax_quantizer(softmax_quantizer, bits)
+    softmax_quantizer = resolve_softmax_quantizer(softmax_quantizer, bits, format_version)
     if softmax_quantizer == "uniform":
         attention.softmax_quant = UniformQuantizer(bits, device=device)
     else:

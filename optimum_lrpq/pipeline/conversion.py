@@ -136,7 +136,8 @@ def convert_model(
             attention = model.get_submodule(name)
             device = "meta" if skeleton else _device_of(attention)
             add_attention_quantizers(attention, bits(name, "activation"), config.softmax_quantizer, device=device,
-                                     per_head=config.attention_granularity == "per_head")
+                                     per_head=config.attention_granularity == "per_head",
+                                     format_version=config.format_version)
             replaced[name] = attention
     return replaced
 

@@ -95,7 +95,7 @@ def test_config_json_names_method_version_and_bits(tmp_path):
     qmodel.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert saved["quant_method"] == "lrpq"
-    assert saved["format_version"] == FORMAT_VERSION == 4
+    assert saved["format_version"] == FORMAT_VERSION == 5
     assert saved["linear_input_granularity"] == saved["head_input_granularity"] == "per_channel"
     assert saved["lrpq_version"]
     layer_bits = saved["layer_bits"]
@@ -164,9 +164,10 @@ def test_dinov2_backbone_accepts_other_image_sizes(tmp_path):
         assert torch.equal(loaded.eval()(pixel_values=x).last_hidden_state, expected)
 
 
-@pytest.mark.parametrize("bits, expected", [(4, LogQuantizer), (6, LogQuantizer), (8, UniformQuantizer)])
+@pytest.mark.parametrize("bits, expected", [(3, LogQuantizer), (4, LogQuantizer), (6, LogQuantizer),
+                                           (8, UniformQuantizer)])
 def test_auto_softmax_quantizer_is_log_below_7_bits_uniform_from_7(bits, expected, tmp_path):
-    assert resolve_softmax_quantizer("auto", bits) == ("uniform" if bits >= 7 else "log_sqrt2")
+    assert resolve_softmax_quantizer("auto", bits) == ("uniform" if bits >= 7 else "log2" if bits <= 3 else "log_sqrt2")
     assert resolve_softmax_quantizer("log2", 8) == "log2"
     qmodel = quantize("vit", 8, bits)
     assert qmodel.config.quantization_config.softmax_quantizer == "auto"
@@ -176,6 +177,28 @@ def test_auto_softmax_quantizer_is_log_below_7_bits_uniform_from_7(bits, expecte
     loaded, _ = reload(tmp_path)
     assert type(loaded.get_submodule("vit.layers.0.attention").softmax_quant) is expected
     assert torch.equal(logits(loaded, x), logits(qmodel, x))
+
+
+def test_auto_softmax_quantizer_is_log2_at_3_bits_and_format_4_checkpoints_keep_log_sqrt2(tmp_path):
+    """Format 5 made "auto" mean log2 at <= 3 bits (log√2 levels stop at 0.088 of the largest probability there);
+    a format-4 checkpoint still reads as log√2, so its logits do not change."""
+    assert resolve_softmax_quantizer("auto", 3, 4) == "log_sqrt2" and resolve_softmax_quantizer("auto", 4, 5) == "log_sqrt2"
+    x = pixels(4, seed=7)
+    new = quantize("vit", 4, 3)
+    new_quant = new.get_submodule("vit.layers.0.attention").softmax_quant
+    assert not new_quant.sqrt2
+    old = quantize("vit", 4, 3, format_version=4)  # what the previous version made
+    quant = old.get_submodule("vit.layers.0.attention").softmax_quant
+    assert quant.sqrt2 and torch.equal(quant.scale, new_quant.scale)
+    probabilities = torch.softmax(torch.randn(2, 2, 17, 17, generator=torch.Generator().manual_seed(0)), dim=-1)
+    with torch.no_grad():
+        zeroed = [float((q(probabilities) == 0).float().mean()) for q in (quant, new_quant)]
+    assert zeroed[1] < zeroed[0]  # log2 keeps more of the small probabilities
+    old.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["format_version"] == 4
+    loaded, _ = reload(tmp_path)
+    assert loaded.get_submodule("vit.layers.0.attention").softmax_quant.sqrt2
+    assert torch.equal(logits(loaded, x), logits(old, x))
 
 
 def test_auto_softmax_quantizer_follows_each_attentions_bits_in_mixed_precision():
