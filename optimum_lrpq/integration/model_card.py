@@ -17,6 +17,7 @@ from typing import Any
 
 from ..configuration import require_lrpq_config
 from ..models import get_adapter
+from ..nn.attention import LOG2_SOFTMAX_FROM_FORMAT
 from ..reporting.summary import bits_summary, ordered_layer_names, weight_layer_names
 from ..version import __version__
 
@@ -231,6 +232,8 @@ def _attention_text(config) -> str:
 
 def _softmax_text(config) -> str:
     if config.softmax_quantizer == "auto":
+        if getattr(config, "format_version", 0) >= LOG2_SOFTMAX_FROM_FORMAT:
+            return "log2 quantizers at 2-3 bits, log√2 ones at 4-6 bits and uniform ones at 7-8 bits"
         return "log√2 quantizers below 7 bits and uniform ones at 7-8 bits"
     return f"`{config.softmax_quantizer}` quantizers"
 

@@ -56,6 +56,7 @@ def test_card_content(qmodel, tmp_path):
     assert "| **this model** | **81.25%** |" in text and "| float (base model) | 84.00% |" in text
     assert "64 images of imagenet-1k (validation split)" in text and "2.75 points" in text
     assert "import optimum_lrpq" in text
+    assert "log2 quantizers at 2-3 bits, log√2 ones at 4-6 bits and uniform ones at 7-8 bits" in text
     assert 'AutoModelForImageClassification.from_pretrained("me/vit-lrpq")' in text
     qc = qmodel.config.quantization_config
     for name, entry in qc.layer_bits.items():
