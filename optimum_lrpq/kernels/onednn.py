@@ -38,8 +38,9 @@ are 65 x 384 x 384 each (DINOv2-S W4A4 at batch 1 on a 2-core EPYC, with the oth
 Outputs of at least 32 MB (ViT-Base's fc1 and stacked q/k/v outputs at batch 32) are written into memory kept from
 one forward to the next (`memory.OutputBuffers`; the bias copied in, then oneDNN's "sum" post-op adds the product:
 the same values), never into a buffer some tensor still shares: fresh memory of that size is new pages from the
-kernel, and faulting them in took longer than the GEMM itself (fc1 at batch 32 on a 2-core AMX Xeon: 32 ms fresh,
-12 ms reused). oneDNN takes no GELU after a "sum", so such an fc1 applies GELU in place right after.
+kernel, and faulting them in took longer than the GEMM itself (fc1 at batch 32 on a 2-core AMX Xeon, 2 threads: 33 ms
+into fresh memory, 15 ms into a kept buffer, the bias copy included). oneDNN takes no GELU after a "sum", so such an
+fc1 applies GELU in place right after.
 `release_output_buffers()` gives the kept memory back; `OPTIMUM_LRPQ_REUSE_OUTPUTS=0` turns the reuse off.
 
 The quantization of the input (one elementwise pass over x) costs about as much as the GEMM itself in eager

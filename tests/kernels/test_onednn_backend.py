@@ -528,6 +528,31 @@ def test_outputs_reuse_memory_that_nobody_holds(kept_outputs, monkeypatch, count
     assert kept_outputs.release() == 2 * 6 * 40 * 4 and kept_outputs.kept_bytes() == 0
 
 
+@pytest.mark.parametrize("weight_bits", [4, 8])
+@pytest.mark.parametrize("levels", [0, 3])  # per-channel steps from 5 values (one GEMM each); steps over 3 levels
+def test_per_channel_grids_add_every_group_into_the_kept_output(weight_bits, levels, kept_outputs, monkeypatch):
+    weight, _ = random_weight(24, 40, weight_bits, seed=levels)
+    prepared = ONEDNN.prepare_weight(weight, torch.float32)
+    g = torch.Generator().manual_seed(levels)
+    if levels:
+        scale = 0.01 * 2.0 ** (torch.rand(40, generator=g) * 6)
+        grid = ActivationGrid(scale, torch.randint(0, 16, (40,), generator=g).float(), 4,
+                              product_step=group_steps(scale, levels))
+    else:
+        steps = 0.01 * 2.0 ** torch.arange(5, dtype=torch.float32)
+        scale = steps[torch.randint(0, 5, (40,), generator=g)]
+        scale[:5] = steps
+        grid = ActivationGrid(scale, torch.randint(0, 16, (40,), generator=g).float() + torch.rand(40, generator=g), 4)
+    x, bias = torch.randn(3, 9, 40, generator=g) * 0.2, torch.randn(24, generator=g)
+    with torch.no_grad():
+        monkeypatch.setenv("OPTIMUM_LRPQ_REUSE_OUTPUTS", "0")
+        fresh = ONEDNN.linear(x, prepared, bias, grid)
+        monkeypatch.delenv("OPTIMUM_LRPQ_REUSE_OUTPUTS")
+        kept = ONEDNN.linear(x, prepared, bias, grid)
+    assert isinstance(prepared.terms(grid, bias), onednn._GroupedTerms)
+    assert kept_outputs.kept_bytes() == 27 * 24 * 4 and torch.equal(kept, fresh)
+
+
 def test_kept_outputs_stay_within_their_budget():
     buffers = memory.OutputBuffers(min_bytes=0, max_bytes=3 * 4 * 10 * 4)  # three 4 x 10 outputs
     cpu = torch.device("cpu")
