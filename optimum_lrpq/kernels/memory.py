@@ -49,9 +49,9 @@ class OutputBuffers:
 
     A fresh tensor of at least `FRESH_PAGES_BYTES` is new pages from the kernel, and the first write to each page
     faults: on a 2-core AMX Xeon (2 threads), a oneDNN GEMM of ViT-Base's fc1 at batch 32 (6304 x 3072 float32
-    outputs) took 33 ms into fresh memory and 15 ms into a kept buffer, copying the bias in included. A kernel asks `take` for its output instead of
-    allocating it; it gets a view of a kept buffer, or None (small outputs, reuse turned off, over `MAX_KEPT_BYTES`:
-    the kernel allocates as usual).
+    outputs) took 33 ms into fresh memory and 15 ms into a kept buffer, copying the bias in included. A kernel asks
+    `take` for its output instead of allocating it; it gets a view of a kept buffer, or None (small outputs, reuse
+    turned off, over `MAX_KEPT_BYTES`: the kernel allocates as usual).
 
     A buffer is handed out again only once no tensor shares its storage any more (the storage's use count: the
     views handed out, and every view or `.numpy()` of them, hold it), so an output that someone kept (a hook,

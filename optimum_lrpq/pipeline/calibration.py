@@ -147,12 +147,14 @@ class InputMoments:
                 inv = 1.0 / ratio.float().to(moment.device)
                 moment.mul_(inv[:, None]).mul_(inv[None, :])
             return moment
-        mean_outer = self._full_outer().double() / self.count
-        inv = (1.0 / ratio.double().to(mean_outer.device) if ratio is not None
-               else torch.ones(mean_outer.shape[0], dtype=torch.float64, device=mean_outer.device))
-        shift = shift.double().to(mean_outer.device)
-        mean = self.sum.double() / self.count * inv
-        moment = mean_outer * inv[:, None] * inv[None, :] - torch.outer(mean, shift) - torch.outer(shift, mean)
+        moment = self._full_outer().double() / self.count
+        mean = self.sum.double() / self.count
+        if ratio is not None:
+            inv = 1.0 / ratio.double().to(moment.device)
+            moment = moment * inv[:, None] * inv[None, :]
+            mean = mean * inv
+        shift = shift.double().to(moment.device)
+        moment = moment - torch.outer(mean, shift) - torch.outer(shift, mean)
         return (moment + torch.outer(shift, shift)).float()
 
 
