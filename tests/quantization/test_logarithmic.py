@@ -161,3 +161,37 @@ def test_in_place_form_gives_the_same_values(bits, sqrt2, scale):
 def test_in_place_form_needs_float32():
     with pytest.raises(TypeError, match="float32"):
         log_fake_quantize_(torch.rand(4, dtype=torch.float64), torch.ones(1), 4)
+
+
+@pytest.mark.parametrize("sqrt2", MODES)
+@pytest.mark.parametrize("bits", range(2, 7))
+def test_bit_pattern_rounding_is_the_nearest_level_in_the_log_domain(bits, sqrt2):
+    # Up to 6 bits the level comes from float32 bit patterns; checked against log2 in float64 on the same x / scale
+    # (log√2 rounds log2 of the float32 square, so a value within a few ulps of a boundary may go either way).
+    generator = torch.Generator().manual_seed(bits)
+    scale = torch.tensor(0.37)
+    exponents = -torch.rand(20000, generator=generator, dtype=torch.float64) * (((1 << bits) + 2) / _steps(sqrt2))
+    boundaries = -(torch.arange((1 << bits) + 1, dtype=torch.float64) + 0.5) / _steps(sqrt2)  # between levels
+    exponents = torch.cat([exponents, boundaries])
+    x = (0.37 * torch.exp2(exponents)).float()
+    ratio = (x / scale).double()
+    expected = torch.round(-_steps(sqrt2) * torch.log2(ratio)).clamp(0, zero_code(bits))
+    codes = log_quantize(x, scale, bits, sqrt2).double()
+    near_boundary = (torch.frac(-_steps(sqrt2) * torch.log2(ratio)) - 0.5).abs() < (1e-6 if sqrt2 else 1e-12)
+    assert torch.equal(codes[~near_boundary], expected[~near_boundary])
+    assert (codes - expected).abs().max() <= 1
+    in_place = x.clone()
+    assert torch.equal(log_fake_quantize_(in_place, scale, bits, sqrt2), log_dequantize(codes, scale, bits, sqrt2))
+
+
+@pytest.mark.parametrize("sqrt2", MODES)
+@pytest.mark.parametrize("length", [5, 37, 1000])
+def test_nan_and_negative_inputs_underflow_wherever_they_sit(length, sqrt2):
+    # NaN takes another route through the bit patterns than finite values: check the vectorized body and the tail.
+    x = torch.rand(length)
+    x[-1], x[length // 2], x[0] = math.nan, -math.nan, -0.5
+    for bits in (4, 8):
+        expected = log_fake_quantize(x, torch.tensor(0.9), bits, sqrt2)
+        assert expected[0] == 0 and expected[length // 2] == 0 and expected[-1] == 0
+        assert torch.equal(log_fake_quantize_(x.clone(), torch.tensor(0.9), bits, sqrt2), expected)
+        assert log_quantize(x, torch.tensor(0.9), bits, sqrt2)[[0, length // 2, -1]].tolist() == [zero_code(bits)] * 3
