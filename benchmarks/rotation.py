@@ -9,6 +9,9 @@ Two rotations, both exact in float (the rotated float model gives the same logit
   with Q only if Q maps the all-ones direction onto itself, so Q is completed by a Householder reflection that does
   (`keep_mean`); then LayerNorm(h Q) = LayerNorm(h) Q exactly.
 - ``fc2``: the input of every fc2 (the GELU output) is rotated online, g -> g Q, and fc2's weight becomes W Q.
+- ``heads``: each attention head's q and k are rotated by one Q (q Q (k Q)^T = q k^T) and its v by another (the
+  head's output P v Q, undone in o_proj's input columns): QuaRot's per-head R2, folded into q/k/v_proj's output rows
+  and o_proj's input columns, no online op. Q is the head_dim Hadamard (signs random but for ``hadamard``).
 
 Q is a block-diagonal Sylvester Hadamard matrix (blocks of the largest power of two dividing the width, random
 signs; ``hadamard``), that plus the mean-keeping reflection (``hadamard+mean``: dense, a rank-1 update of the block
@@ -18,6 +21,7 @@ first 1000 zoo test digits, one calibration draw per seed, next to the unrotated
 
     python benchmarks/rotation.py --variants none residual:hadamard+mean fc2:hadamard+mean --seeds 0 1 2
     python benchmarks/rotation.py --model deit_dinov2 --variants none fc2:hadamard+mean    # fc2 only for DeiT
+    python benchmarks/rotation.py --variants none heads:hadamard heads:random-signs          # any model
 
 Not a test: minutes per variant and seed (each row quantizes DINOv2-S once).
 """
@@ -137,6 +141,32 @@ def rotate_fc2_inputs(model: nn.Module, kind: str, seed: int) -> None:
         fc2.weight.copy_((fc2.weight.double() @ q).float())
 
 
+@torch.no_grad()
+def rotate_heads(model: nn.Module, kind: str, seed: int) -> None:
+    """Rotate every head's q, k (one matrix) and v (another) in place, folded into the weights (see the docstring)."""
+    generator = torch.Generator().manual_seed(seed)
+    for block in get_adapter(model).layout(model).blocks:
+        heads = model.get_submodule(block.attention).num_attention_heads
+        q_proj, k_proj, v_proj, o_proj = (model.get_submodule(n) for n in (block.q, block.k, block.v, block.o))
+        width = q_proj.out_features // heads
+        for head in range(heads):
+            rows = slice(head * width, (head + 1) * width)
+            rotations = []
+            for _ in range(2):
+                signs = (torch.randint(0, 2, (width,), generator=generator).double() * 2 - 1
+                         if kind != "hadamard" else torch.ones(width, dtype=torch.float64))
+                rotations.append(hadamard(width) * signs[None, :])
+            for linear, rotation in ((q_proj, rotations[0]), (k_proj, rotations[0]), (v_proj, rotations[1])):
+                weight, bias = linear.weight.double(), linear.bias.double()
+                weight[rows] = rotation.T @ weight[rows]  # out_h -> out_h @ R
+                bias[rows] = bias[rows] @ rotation
+                linear.weight.copy_(weight.float())
+                linear.bias.copy_(bias.float())
+            weight = o_proj.weight.double()
+            weight[:, rows] = weight[:, rows] @ rotations[1]
+            o_proj.weight.copy_(weight.float())
+
+
 def rotated_model(name: str, variant: str, seed: int) -> nn.Module:
     model = zoo.load_model(name).eval()
     if variant == "none":
@@ -148,8 +178,10 @@ def rotated_model(name: str, variant: str, seed: int) -> nn.Module:
         rotate_residual_stream(model, orthogonal(model.config.hidden_size, kind, seed))
     elif where == "fc2":
         rotate_fc2_inputs(model, kind, seed)
+    elif where == "heads":
+        rotate_heads(model, kind, seed)
     else:
-        raise ValueError(f"unknown variant {variant!r} (none, residual:KIND, fc2:KIND)")
+        raise ValueError(f"unknown variant {variant!r} (none, residual:KIND, fc2:KIND, heads:KIND)")
     return model
 
 
