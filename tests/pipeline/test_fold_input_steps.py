@@ -14,7 +14,7 @@ from tiny_models import build, logits, pixels
 from transformers import AutoModelForImageClassification
 
 from optimum_lrpq import LRPQConfig, LRPQuantizer
-from optimum_lrpq.configuration import DEFAULT_INPUT_STEP_LEVELS, FORMAT_VERSION
+from optimum_lrpq.configuration import DEFAULT_INPUT_STEP_LEVELS, EIGHT_BIT_WEIGHT_INPUT_STEP_LEVELS, FORMAT_VERSION
 from optimum_lrpq.kernels.reference import dequantize_weight
 from optimum_lrpq.nn import QuantLinear, set_kernel_backend
 from optimum_lrpq.pipeline.calibration import MIN_ROWS_PER_CHANNEL
@@ -43,6 +43,23 @@ def test_default_folds_and_format_2_checkpoints_do_not():
         with pytest.raises(ValueError, match=r"input_step_levels must be 0 \(steps stay in the activation grid\) or a "
                                              r"positive number of power-of-two levels, got"):
             LRPQConfig(input_step_levels=bad)
+
+
+def test_eight_bit_weights_fold_the_whole_ratio_and_checkpoints_keep_their_levels(tmp_path):
+    # 8-bit weight columns absorb the whole step ratio: o_proj / fc2 become one GEMM each
+    assert LRPQConfig(weight_bits=8, activation_bits=8).input_step_levels == EIGHT_BIT_WEIGHT_INPUT_STEP_LEVELS == 1
+    assert LRPQConfig(weight_bits=6, activation_bits=8).input_step_levels == DEFAULT_INPUT_STEP_LEVELS
+    assert LRPQConfig(weight_bits=8, activation_bits=8, input_step_levels=4).input_step_levels == 4
+    model = quantize(weight_bits=8, activation_bits=8, weight_rounding="nearest")
+    assert folded_layers(model) == dict.fromkeys(FOLDED, 1)  # (an 8-bit head input keeps one step)
+    # a checkpoint made with 4 levels at 8-bit weights (before this default) is read with its 4 levels
+    older = quantize(weight_bits=8, activation_bits=8, weight_rounding="nearest", input_step_levels=4)
+    older.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["input_step_levels"] == 4
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert folded_layers(loaded) == dict.fromkeys(FOLDED, 4)
+    x = pixels(3, seed=5)
+    assert torch.equal(logits(loaded, x), logits(older, x))
 
 
 def folded_layers(model) -> dict[str, int]:
