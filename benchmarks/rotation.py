@@ -149,13 +149,14 @@ def rotate_heads(model: nn.Module, kind: str, seed: int) -> None:
         heads = model.get_submodule(block.attention).num_attention_heads
         q_proj, k_proj, v_proj, o_proj = (model.get_submodule(n) for n in (block.q, block.k, block.v, block.o))
         width = q_proj.out_features // heads
+        base = hadamard(width)
         for head in range(heads):
             rows = slice(head * width, (head + 1) * width)
             rotations = []
             for _ in range(2):
                 signs = (torch.randint(0, 2, (width,), generator=generator).double() * 2 - 1
                          if kind != "hadamard" else torch.ones(width, dtype=torch.float64))
-                rotations.append(hadamard(width) * signs[None, :])
+                rotations.append(base * signs[None, :])
             for linear, rotation in ((q_proj, rotations[0]), (k_proj, rotations[0]), (v_proj, rotations[1])):
                 weight, bias = linear.weight.double(), linear.bias.double()
                 weight[rows] = rotation.T @ weight[rows]  # out_h -> out_h @ R
